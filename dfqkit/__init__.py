@@ -1,0 +1,3 @@
+"""dfqkit: data-free quantization as interchangeable, gin-wired components."""
+
+__version__ = "0.1.0"
