@@ -1,1 +1,13 @@
-"""dfqkit.data."""
+"""dfqkit.data: offline datasets (MNIST-5k, digits) and real eval sets (CIFAR, ImageNet folder).
+
+Every factory returns an :class:`EvalData` and is gin-registered under ``dfqkit.data``, so a
+recipe says ``train.data = @data.mnist5k()``.
+"""
+
+from dfqkit.data.cifar import cifar
+from dfqkit.data.digits import digits
+from dfqkit.data.eval_data import EvalData, TensorImageDataset
+from dfqkit.data.imagenet_folder import imagenet_folder
+from dfqkit.data.mnist5k import mnist5k
+
+__all__ = ["EvalData", "TensorImageDataset", "cifar", "digits", "imagenet_folder", "mnist5k"]

@@ -1,1 +1,7 @@
-"""dfqkit.generators."""
+"""Image synthesizers."""
+
+from dfqkit.generators.base import Generator, synthesize
+from dfqkit.generators.conditional_generator import ConditionalGenerator
+from dfqkit.generators.real_data_reference import RealDataReference
+
+__all__ = ["ConditionalGenerator", "Generator", "RealDataReference", "synthesize"]

@@ -1,0 +1,149 @@
+"""One training iteration of the generic DFQ loop (shared by the trainer and the speed bench).
+
+Per iteration: sample z and labels → generator (+ mixer) → teacher forward with the taps some
+loss declared → generator step; then the student on the same, detached batch: a training step
+after warm-up, an observation-only forward (no autograd graph) while activation ranges are being
+calibrated, nothing otherwise. The teacher's logits and taps from the generator step are reused
+by the student step, the teacher has no weight gradients, and no value is moved to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dfqkit.generators.base import synthesize
+from dfqkit.losses.base import Loss
+from dfqkit.step import Step, SynthBatch
+from dfqkit.taps import Taps
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What an epoch does: train the generator, observe activation ranges, train the student."""
+
+    generator: bool
+    observe: bool
+    student: bool
+
+
+class Engine:
+    """Holds the parts of one run and performs iterations.
+
+    Args:
+        accelerator: the run's ``accelerate.Accelerator``.
+        teacher: frozen full-precision model (eval mode, no parameter gradients).
+        student: quantized model (prepared; BN layers in eval mode).
+        generator, mixer: the image source (generator possibly prepared/wrapped).
+        losses: every loss; split here by ``side``.
+        generator_optimizer: optimizer over generator + mixer parameters, or ``None``.
+        student_optimizer: optimizer over the student's parameters.
+        batch_size: per-process batch size.
+    """
+
+    def __init__(
+        self,
+        *,
+        accelerator,
+        teacher: nn.Module,
+        student: nn.Module,
+        generator: nn.Module,
+        mixer: nn.Module,
+        losses: Sequence[Loss],
+        generator_optimizer: torch.optim.Optimizer | None,
+        student_optimizer: torch.optim.Optimizer,
+        batch_size: int,
+    ) -> None:
+        self.acc = accelerator
+        self.teacher, self.student = teacher, student
+        self.generator, self.mixer = generator, mixer
+        self.gen_losses = [loss for loss in losses if loss.side == "generator"]
+        self.student_losses = [loss for loss in losses if loss.side == "student"]
+        self.gen_opt, self.student_opt = generator_optimizer, student_optimizer
+        self.batch_size = batch_size
+        teacher_needs = set().union(*(loss.needs for loss in losses))
+        student_needs = set().union(*(loss.needs_student_taps for loss in losses))
+        self.teacher_taps = Taps(teacher, teacher_needs, model_name="the teacher")
+        self.student_taps = Taps(student, student_needs, model_name="the student")
+        self.loss_sums: dict[str, torch.Tensor] = {}
+        self.last_batch: SynthBatch | None = None
+
+    @property
+    def generator_trains(self) -> bool:
+        gen = getattr(self.generator, "module", self.generator)
+        return bool(gen.trainable and self.gen_losses and self.gen_opt is not None)
+
+    def _accumulate(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach()
+        if key in self.loss_sums:
+            self.loss_sums[key] += value
+        else:
+            self.loss_sums[key] = value.clone()
+
+    def pop_loss_means(self, iterations: int) -> dict[str, float]:
+        """Mean of each loss over the last ``iterations`` (one host sync per call)."""
+        if not self.loss_sums:
+            return {}
+        keys = list(self.loss_sums)
+        values = (torch.stack([self.loss_sums[k].float() for k in keys]) / iterations).tolist()
+        self.loss_sums = {}
+        return dict(zip(keys, values, strict=True))
+
+    def _total(self, losses: Sequence[Loss], step: Step, prefix: str) -> torch.Tensor:
+        total = None
+        for loss in losses:
+            value = loss(step)
+            self._accumulate(f"loss/{prefix}/{loss.name}", value)
+            total = value if total is None else total + value
+        return total
+
+    def iteration(self, phase: Phase, epoch: int) -> None:
+        acc = self.acc
+        train_gen = phase.generator and self.generator_trains
+        with acc.autocast():
+            with torch.set_grad_enabled(train_gen):
+                batch = synthesize(self.generator, self.mixer, self.batch_size, acc.device)
+                with self.teacher_taps:
+                    teacher_logits = self.teacher(batch.images)
+                teacher_taps = self.teacher_taps.collect()
+                if train_gen:
+                    step = Step(batch, teacher_logits, teacher_taps=teacher_taps, epoch=epoch)
+                    gen_loss = self._total(self.gen_losses, step, "gen")
+        if train_gen:
+            self.gen_opt.zero_grad(set_to_none=True)
+            acc.backward(gen_loss)
+            self.gen_opt.step()
+        batch = batch.detached()
+        self.last_batch = batch
+        if phase.student:
+            teacher_taps = {k: _detach_taps(v) for k, v in teacher_taps.items()}
+            with acc.autocast(), self.student_taps:
+                student_logits = self.student(batch.images)
+                step = Step(
+                    batch,
+                    teacher_logits.detach(),
+                    student_logits,
+                    teacher_taps=teacher_taps,
+                    student_taps=self.student_taps.collect(),
+                    epoch=epoch,
+                )
+                student_loss = self._total(self.student_losses, step, "student")
+            self.student_opt.zero_grad(set_to_none=True)
+            acc.backward(student_loss)
+            self.student_opt.step()
+        elif phase.observe:
+            with torch.no_grad(), acc.autocast():
+                self.student(batch.images)
+
+
+def _detach_taps(values: list) -> list:
+    out = []
+    for v in values:
+        if isinstance(v, tuple):
+            out.append(tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in v))
+        else:
+            out.append(v.detach())
+    return out

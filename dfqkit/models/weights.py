@@ -1,0 +1,121 @@
+"""Loading local checkpoints (safetensors or plain state dicts) into a model."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Keys under which training scripts commonly nest the weights, tried in this order.
+NESTING_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "net", "module")
+# Prefixes added by DistributedDataParallel / DataParallel and torch.compile.
+WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
+SHOWN = 5  # keys listed per kind of mismatch in an error
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read the tensors of a checkpoint file, unwrapping common nesting and wrapper prefixes.
+
+    ``.safetensors`` files are read with ``safetensors.torch.load_file``; anything else with
+    ``torch.load(..., weights_only=True)``, which refuses pickled code.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file holds no state dict.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(str(path), device="cpu")
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises UnpicklingError/RuntimeError by version
+            raise ValueError(
+                f"checkpoint {str(path)!r} cannot be read as a plain state dict with "
+                f"weights_only=True ({type(err).__name__}: {err}); re-save it with "
+                "torch.save(model.state_dict(), path) or as .safetensors"
+            ) from err
+    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        nested = next((obj[k] for k in NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if nested is None:
+            break
+        obj = nested
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds no tensors (top-level keys: {list(obj)[:SHOWN]})"
+        )
+    for prefix in WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _listing(label: str, items: list[str]) -> str:
+    more = f", ... ({len(items) - SHOWN} more)" if len(items) > SHOWN else ""
+    return f"{len(items)} {label} ({', '.join(items[:SHOWN])}{more})"
+
+
+def load_weights(
+    model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True
+) -> nn.Module:
+    """Load the checkpoint at ``path`` into ``model`` (in place) and return ``model``.
+
+    Args:
+        model: the module to fill.
+        path: ``.safetensors`` file, or a ``torch.save`` file of a state dict, possibly nested
+            under ``state_dict``/``model``/... and with ``module.`` prefixes.
+        strict: require every key of the model and nothing else (``num_batches_tracked`` of
+            BN layers may be absent). Shapes must match either way.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the checkpoint does not fit the model (a few offending keys are listed).
+    """
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    missing = [
+        k for k in expected if k not in state and not k.endswith("num_batches_tracked")
+    ]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    problems = [
+        _listing(label, items)
+        for label, items, fatal in (
+            ("missing keys", missing, strict),
+            ("unexpected keys", unexpected, strict),
+            ("shape mismatches", mismatched, True),
+        )
+        if items and fatal
+    ]
+    if problems:
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit model {type(model).__name__}: "
+            + "; ".join(problems)
+        )
+    if missing or unexpected:
+        logger.warning(
+            "loading %s non-strictly: %d missing, %d unexpected keys",
+            path,
+            len(missing),
+            len(unexpected),
+        )
+    model.load_state_dict(state, strict=False)
+    return model

@@ -1,0 +1,273 @@
+"""The single gin root ``train`` and the command line.
+
+    python -m dfqkit.train --gin recipes/mnist/gdfq_w4a4.gin [--gin FILE ...]
+        [--gin_param "KEY = VALUE" ...] [--output_dir DIR] [--resume] [--debug]
+
+identical under ``accelerate launch -m dfqkit.train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import gin
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from torch import nn
+from tqdm.auto import tqdm
+
+from dfqkit import checkpoint as ckpt
+from dfqkit import config as cfg
+from dfqkit.engine import Engine, Phase
+from dfqkit.evaluate import evaluate
+from dfqkit.losses.base import Loss
+from dfqkit.mixers import NoMixer
+from dfqkit.quant import QuantConfig, quantize_, set_quant_mode, sync_quantizers
+from dfqkit.runs import check_setup, noise_batch, prepare_output_dir, save_samples, summarize
+
+logger = get_logger(__name__)
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@gin.configurable(module="dfqkit", denylist=["output_dir", "resume", "recipe"])
+def train(
+    *,
+    teacher: nn.Module = gin.REQUIRED,
+    data: Any = gin.REQUIRED,
+    generator: nn.Module = gin.REQUIRED,
+    losses: Sequence[Loss] = gin.REQUIRED,
+    quant: QuantConfig = gin.REQUIRED,
+    mixer: nn.Module | None = None,
+    epochs: int = 400,
+    iters_per_epoch: int = 200,
+    batch_size: int = 200,
+    warmup_epochs: int = 4,
+    calib_epochs: int = 4,
+    generator_optimizer: Callable[..., torch.optim.Optimizer] = functools.partial(
+        torch.optim.Adam, lr=1e-3, betas=(0.5, 0.999)
+    ),
+    student_optimizer: Callable[..., torch.optim.Optimizer] = functools.partial(
+        torch.optim.SGD, lr=1e-4, momentum=0.9, nesterov=True, weight_decay=1e-4
+    ),
+    lr_milestones: Sequence[int] = (100, 200, 300),
+    lr_gamma: float = 0.1,
+    eval_every: int = 1,
+    early_stopping_patience: int | None = None,
+    naive_batches: int = 4,
+    mixed_precision: str = "no",
+    seed: int = 0,
+    checkpoint_keep: int = 2,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    recipe: str = "",
+) -> dict[str, Any]:
+    """Run one DFQ experiment and return its metrics (also written to ``metrics.json``).
+
+    Args:
+        teacher: full-precision classifier (frozen; eval mode).
+        data: :class:`~dfqkit.data.EvalData` with the real val/test sets used for evaluation.
+        generator: image source (see :mod:`dfqkit.generators`).
+        losses: every loss; each declares its side (generator or student).
+        quant: how the student is quantized.
+        mixer: a mixer (default: none).
+        epochs, iters_per_epoch, batch_size: the budget (batch size per process).
+        warmup_epochs: epochs in which only the generator trains.
+        calib_epochs: epochs in which activation observers update; frozen afterwards.
+        generator_optimizer, student_optimizer: optimizer factories taking parameters.
+        lr_milestones, lr_gamma: multi-step schedule (per epoch) applied to both optimizers.
+        eval_every: evaluate the student every this many epochs (and after the last).
+        early_stopping_patience: stop after this many evaluations without a better val top-1.
+        naive_batches: Gaussian-noise batches that calibrate the naive (untrained) reference.
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (fake quantization stays fp32).
+        seed: sampling seed (each process draws different latents from it).
+        checkpoint_keep: complete checkpoints kept.
+        output_dir: run directory (config, checkpoints, samples, metrics.json).
+        resume: continue from the newest complete checkpoint in ``output_dir``.
+        recipe: the recipe's name, recorded in the metrics.
+    """
+    for name, value, low in (("epochs", epochs, 1), ("iters_per_epoch", iters_per_epoch, 1),
+                             ("batch_size", batch_size, 1), ("eval_every", eval_every, 1),
+                             ("warmup_epochs", warmup_epochs, 0), ("calib_epochs", calib_epochs, 0),
+                             ("naive_batches", naive_batches, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise cfg.ConfigError(f"train.{name} must be an integer >= {low}, got {value!r}")
+    if mixed_precision not in MIXED_PRECISION:
+        raise cfg.ConfigError(
+            f"train.mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}"
+        )
+    mixer = NoMixer() if mixer is None else mixer
+    out = prepare_output_dir(output_dir, resume=resume)
+    acc = Accelerator(mixed_precision=mixed_precision, project_dir=str(out))
+    device = acc.device
+
+    # ---- build and check everything before any training step
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    generator, mixer = generator.to(device), mixer.to(device)
+    check_setup(teacher=teacher, data=data, generator=generator, mixer=mixer, losses=losses,
+                batch_size=batch_size, device=device)
+    example = noise_batch(data, 2, device)
+    student = quantize_(copy.deepcopy(teacher), quant, example).requires_grad_(True).eval()
+    gen_params = [p for m in (generator, mixer) for p in m.parameters() if p.requires_grad]
+    gen_opt = generator_optimizer(gen_params) if gen_params and generator.trainable else None
+    student_opt = student_optimizer(student.parameters())
+    state = ckpt.TrainState()
+    if gen_opt is not None:
+        generator, gen_opt = acc.prepare(generator, gen_opt)
+        if any(True for _ in mixer.parameters()):
+            mixer = acc.prepare(mixer)
+    else:
+        acc.register_for_checkpointing(generator)
+    student, student_opt = acc.prepare(student, student_opt)
+    acc.register_for_checkpointing(state)
+    engine = Engine(accelerator=acc, teacher=teacher, student=student, generator=generator,
+                    mixer=mixer, losses=losses, generator_optimizer=gen_opt,
+                    student_optimizer=student_opt, batch_size=batch_size)
+    loaders = {s: acc.prepare(data.loader(s, batch_size=256)) for s in ("val", "test")}
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in (gen_opt, student_opt) if opt]
+
+    resumed_from = None
+    if resume:
+        last = ckpt.latest_checkpoint(out)
+        if last is not None:
+            acc.load_state(str(last))
+            resumed_from = state.epochs_done
+            logger.info(f"resumed from {last} after epoch {resumed_from}", main_process_only=True)
+    if not state.reference:
+        set_seed(seed)
+        teacher_eval = evaluate(teacher, loaders["test"], device=device, accelerator=acc)
+        naive = quantize_(copy.deepcopy(teacher), quant, example)
+        with torch.no_grad():
+            for _ in range(naive_batches):
+                naive(noise_batch(data, batch_size, device))
+        sync_quantizers(naive)
+        set_quant_mode(naive, "frozen")
+        naive_eval = evaluate(naive, loaders["test"], teacher=teacher, device=device,
+                              accelerator=acc)
+        state.reference = {"teacher": teacher_eval, "naive": naive_eval}
+        del naive
+        set_seed(seed, device_specific=True)  # each process samples its own latents
+    logger.info(f"teacher test top-1 {state.reference['teacher']['top1']:.2f}, "
+                f"naive {state.reference['naive']['top1']:.2f}", main_process_only=True)
+    if acc.is_main_process:
+        cfg.save_operative_config(out)
+
+    # ---- the loop
+    start_epoch = state.epochs_done
+    for epoch in range(start_epoch, epochs):
+        if early_stopping_patience is not None and state.evals_since_best >= early_stopping_patience:
+            break
+        decay = lr_gamma ** sum(epoch >= m for m in lr_milestones)
+        for opt, lrs in zip((o for o in (gen_opt, student_opt) if o), base_lrs, strict=True):
+            for group, lr in zip(opt.param_groups, lrs, strict=True):
+                group["lr"] = lr * decay
+        phase = Phase(generator=True, observe=epoch < calib_epochs, student=epoch >= warmup_epochs)
+        set_quant_mode(student, "observe" if phase.observe else "frozen")
+        generator.train()
+        t0 = time.perf_counter()
+        bar = tqdm(range(iters_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False,
+                   disable=not acc.is_local_main_process, mininterval=2.0)
+        for _ in bar:
+            engine.iteration(phase, epoch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        state.train_seconds += time.perf_counter() - t0
+        state.iterations += iters_per_epoch
+        if phase.observe:
+            sync_quantizers(student)
+        scalars = engine.pop_loss_means(iters_per_epoch)
+        state.epochs_done = epoch + 1
+        if state.epochs_done % eval_every == 0 or state.epochs_done == epochs:
+            scalars.update(_evaluate_epoch(acc, student, teacher, loaders, state, device))
+            if acc.is_main_process:
+                save_samples(engine.last_batch, data, out / "samples" / f"epoch_{epoch + 1:04d}.png")
+        acc.log(scalars, step=state.epochs_done)
+        ckpt.save_checkpoint(acc, out, state.epochs_done, keep=checkpoint_keep)
+
+    metrics = summarize(state, recipe=recipe, seed=seed, quant=quant, resumed_from=resumed_from)
+    if acc.is_main_process:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        cfg.save_operative_config(out)
+    acc.wait_for_everyone()
+    acc.end_training()
+    metrics["output_dir"] = str(out)
+    return metrics
+
+
+def _evaluate_epoch(acc, student, teacher, loaders, state, device) -> dict[str, float]:
+    model = acc.unwrap_model(student)
+    val = evaluate(model, loaders["val"], device=device, accelerator=acc)
+    test = evaluate(model, loaders["test"], teacher=teacher, device=device, accelerator=acc)
+    record = {"epoch": state.epochs_done, "val_top1": val["top1"], "test_top1": test["top1"],
+              "test_top5": test["top5"], "test_agree": test["agree"]}
+    state.history.append(record)
+    if state.best is None or record["val_top1"] > state.best["val_top1"]:
+        state.best, state.evals_since_best = record, 0
+    else:
+        state.evals_since_best += 1
+    logger.info(f"epoch {state.epochs_done}: val {val['top1']:.2f} test {test['top1']:.2f} "
+                f"(best val {state.best['val_top1']:.2f} @ {state.best['epoch']})",
+                main_process_only=True)
+    return {"eval/val_top1": val["top1"], "eval/test_top1": test["top1"]}
+
+
+def run(
+    gin_files: Sequence[str],
+    gin_params: Sequence[str] = (),
+    *,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Parse a configuration and run ``train`` (what the CLI, the bench and tests call)."""
+    files = cfg.parse(gin_files, gin_params)
+    seed = cfg.macro_value("SEED", 0)
+    if output_dir is None:
+        output_dir = Path("runs") / cfg.run_name(files[0]) / f"seed{seed}"
+    out = prepare_output_dir(output_dir, resume=resume)
+    if not resume or not (out / "config.gin").exists():
+        cfg.save_config(out, files, gin_params)
+    torch.manual_seed(seed)  # components built by gin references are initialised identically
+    return train(output_dir=out, resume=resume, recipe=cfg.recipe_name(files[0]))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dfqkit.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--gin", action="append", required=True, metavar="FILE",
+                        help="gin file (recipe or fragment); repeatable")
+    parser.add_argument("--gin_param", action="append", default=[], metavar="BINDING",
+                        help='a binding such as "W_BITS = 3"; repeatable')
+    parser.add_argument("--output_dir", default=None, help="run directory (default runs/...)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        metrics = run(args.gin, args.gin_param, output_dir=args.output_dir, resume=args.resume)
+    except (cfg.ConfigError, FileNotFoundError, ValueError, FileExistsError) as err:
+        if args.debug:
+            raise
+        print(f"dfqkit.train: error: {err}", file=sys.stderr)
+        return 2
+    if not math.isnan(metrics.get("best", {}).get("test_top1", math.nan)):
+        print(
+            f"teacher {metrics['teacher']['test_top1']:.2f} | naive {metrics['naive']['test_top1']:.2f}"
+            f" | quantized best {metrics['best']['test_top1']:.2f} (epoch {metrics['best']['epoch']})"
+            f", last {metrics['last']['test_top1']:.2f} | run directory: {metrics['output_dir']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
