@@ -9,6 +9,7 @@ by the student step, the teacher has no weight gradients, and no value is moved 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -100,9 +101,18 @@ class Engine:
             total = value if total is None else total + value
         return total
 
-    def iteration(self, phase: Phase, epoch: int) -> None:
+    def _mark(self, marks: list[float] | None) -> None:
+        if marks is not None:
+            if self.acc.device.type == "cuda":
+                torch.cuda.synchronize(self.acc.device)
+            marks.append(time.perf_counter())
+
+    def iteration(self, phase: Phase, epoch: int, marks: list[float] | None = None) -> None:
+        """One iteration; with ``marks`` (a list, benchmarking only) appends three timestamps:
+        start, end of the generator step, end of the student step."""
         acc = self.acc
         train_gen = phase.generator and self.generator_trains
+        self._mark(marks)
         with acc.autocast():
             with torch.set_grad_enabled(train_gen):
                 batch = synthesize(self.generator, self.mixer, self.batch_size, acc.device)
@@ -116,6 +126,7 @@ class Engine:
             self.gen_opt.zero_grad(set_to_none=True)
             acc.backward(gen_loss)
             self.gen_opt.step()
+        self._mark(marks)
         batch = batch.detached()
         self.last_batch = batch
         if phase.student:
@@ -137,6 +148,7 @@ class Engine:
         elif phase.observe:
             with torch.no_grad(), acc.autocast():
                 self.student(batch.images)
+        self._mark(marks)
 
 
 def _detach_taps(values: list) -> list:

@@ -42,7 +42,7 @@ logger = get_logger(__name__)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
-@gin.configurable(module="dfqkit", denylist=["output_dir", "resume", "recipe"])
+@gin.configurable(module="dfqkit", denylist=["output_dir", "resume", "recipe", "benchmark"])
 def train(
     *,
     teacher: nn.Module = gin.REQUIRED,
@@ -73,6 +73,7 @@ def train(
     output_dir: str | Path | None = None,
     resume: bool = False,
     recipe: str = "",
+    benchmark: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Run one DFQ experiment and return its metrics (also written to ``metrics.json``).
 
@@ -97,6 +98,9 @@ def train(
         output_dir: run directory (config, checkpoints, samples, metrics.json).
         resume: continue from the newest complete checkpoint in ``output_dir``.
         recipe: the recipe's name, recorded in the metrics.
+        benchmark: ``(warmup, iterations)``: instead of training, time that many steady-state
+            iterations (generator and student step) after ``warmup`` calibrating ones, and
+            return the timings (used by ``python -m dfqkit.bench speed``).
     """
     for name, value, low in (("epochs", epochs, 1), ("iters_per_epoch", iters_per_epoch, 1),
                              ("batch_size", batch_size, 1), ("eval_every", eval_every, 1),
@@ -135,6 +139,8 @@ def train(
     engine = Engine(accelerator=acc, teacher=teacher, student=student, generator=generator,
                     mixer=mixer, losses=losses, generator_optimizer=gen_opt,
                     student_optimizer=student_opt, batch_size=batch_size)
+    if benchmark is not None:
+        return _benchmark(engine, student, *benchmark)
     loaders = {s: acc.prepare(data.loader(s, batch_size=256)) for s in ("val", "test")}
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in (gen_opt, student_opt) if opt]
 
@@ -204,6 +210,18 @@ def train(
     acc.end_training()
     metrics["output_dir"] = str(out)
     return metrics
+
+
+def _benchmark(engine: Engine, student: nn.Module, warmup: int, iterations: int) -> dict:
+    set_quant_mode(student, "observe")
+    for _ in range(warmup):
+        engine.iteration(Phase(generator=True, observe=True, student=True), 0)
+    set_quant_mode(student, "frozen")
+    marks: list[float] = []
+    for _ in range(iterations):
+        engine.iteration(Phase(generator=True, observe=False, student=True), 0, marks)
+    engine.pop_loss_means(1)
+    return {"marks": marks}
 
 
 def _evaluate_epoch(acc, student, teacher, loaders, state, device) -> dict[str, float]:

@@ -1,1 +1,20 @@
-"""dfqkit.models."""
+"""dfqkit.models: teachers (offline zoo, pytorchcv CIFAR ResNet-20, torchvision/timm adapters).
+
+Importing this package registers every model factory under ``dfqkit.models`` (gin:
+``@models.mnist_resnet()``).
+"""
+
+from dfqkit.models.cifar_resnet20 import cifar_resnet20
+from dfqkit.models.mnist_resnet import mnist_resnet
+from dfqkit.models.timm_model import timm_model
+from dfqkit.models.torchvision_model import torchvision_model
+from dfqkit.models.weights import load_weights, read_state_dict
+
+__all__ = [
+    "cifar_resnet20",
+    "load_weights",
+    "mnist_resnet",
+    "read_state_dict",
+    "timm_model",
+    "torchvision_model",
+]

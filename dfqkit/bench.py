@@ -1,0 +1,253 @@
+"""Method tables and speed figures.
+
+    python -m dfqkit.bench accuracy --gin R1.gin R2.gin ... --seeds 0 1 2 --out DIR [--jobs N]
+    python -m dfqkit.bench speed --gin R.gin [--batch N] [--threads T] [--iters N] [--json FILE]
+
+``accuracy`` runs every recipe for every seed (each run in its own process, resumed if a
+checkpoint exists, skipped if its ``metrics.json`` exists) and writes ``DIR/results.md`` (mean ±
+std of test top-1 over seeds, with the teacher and naive rows), ``DIR/results.json`` and
+``DIR/results.png``. ``speed`` times the recipe's training step on randomly initialised weights
+and synthetic inputs (no data, no checkpoint) and reports the median ms per iteration of the
+generator step, the student step and both, images per second and the peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gin
+import torch
+
+from dfqkit import config as cfg
+from dfqkit.data import EvalData
+
+
+def synthetic_data(
+    *, num_classes: int, image_size: int, channels: int, size: int = 8
+) -> EvalData:
+    """Random images standing in for an evaluation set (speed benchmarks only)."""
+    images = torch.randn(size, channels, image_size, image_size)
+    labels = torch.arange(size) % num_classes
+    ds = torch.utils.data.TensorDataset(images, labels)
+    return EvalData(name="synthetic", num_classes=num_classes, image_size=image_size,
+                    channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels,
+                    val=ds, test=ds)
+
+
+gin.register(synthetic_data, module="dfqkit.bench")
+
+SPEED_BINDINGS = (
+    "TEACHER_WEIGHTS = None",
+    "DATA_ROOT = None",
+    "train.data = @bench.synthetic_data()",
+    "bench.synthetic_data.num_classes = %NUM_CLASSES",
+    "bench.synthetic_data.image_size = %IMAGE_SIZE",
+    "bench.synthetic_data.channels = %CHANNELS",
+)
+
+
+def speed(gin_files: Sequence[str], *, batch: int | None, threads: int | None, iters: int,
+          warmup: int, params: Sequence[str] = ()) -> dict[str, Any]:
+    """Time the recipe's steady-state training iteration; returns the figures."""
+    from dfqkit.train import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    bindings = list(SPEED_BINDINGS) + list(params)
+    if batch:
+        bindings.append(f"BATCH_SIZE = {batch}")
+    cfg.parse(gin_files, bindings)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(output_dir=tmp, benchmark=(warmup, iters))
+    marks = result["marks"]
+    gen = [marks[i + 1] - marks[i] for i in range(0, len(marks), 3)]
+    stu = [marks[i + 2] - marks[i + 1] for i in range(0, len(marks), 3)]
+    tot = [marks[i + 2] - marks[i] for i in range(0, len(marks), 3)]
+    bs = gin.query_parameter("%BATCH_SIZE")
+    ms = 1000 * statistics.median(tot)
+    out = {
+        "recipe": cfg.recipe_name(cfg.resolve_gin_file(gin_files[0])),
+        "batch_size": bs,
+        "threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "iterations": iters,
+        "ms_generator_step": 1000 * statistics.median(gen),
+        "ms_student_step": 1000 * statistics.median(stu),
+        "ms_per_iter": ms,
+        "img_per_s": 1000 * bs / ms,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _run_one(recipe: str, seed: int, out: Path, params: Sequence[str], threads: int | None):
+    """Start (or resume) one training run in a subprocess; returns the Popen or None if done."""
+    run_dir = out / "runs" / cfg.run_name(cfg.resolve_gin_file(recipe)) / f"seed{seed}"
+    if (run_dir / "metrics.json").is_file():
+        return run_dir, None
+    cmd = [sys.executable, "-m", "dfqkit.train", "--gin", recipe, "--gin_param",
+           f"SEED = {seed}", "--output_dir", str(run_dir)]
+    for p in params:
+        cmd += ["--gin_param", p]
+    if (run_dir / "checkpoints").is_dir():
+        cmd.append("--resume")
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir / "train.log", "a")  # noqa: SIM115 (closed when the process ends)
+    return run_dir, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def accuracy(recipes: Sequence[str], seeds: Sequence[int], out: Path, *, jobs: int = 1,
+             params: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Run every recipe × seed (``jobs`` at a time) and aggregate the metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [(r, s) for r in recipes for s in seeds]
+    running: list = []
+    failed = []
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    while todo or running:
+        while todo and len(running) < jobs:
+            recipe, seed = todo.pop(0)
+            run_dir, proc = _run_one(recipe, seed, out, params, threads)
+            if proc is not None:
+                running.append((recipe, seed, run_dir, proc))
+        for item in list(running):
+            if item[3].poll() is not None:
+                running.remove(item)
+                if item[3].returncode != 0:
+                    failed.append(f"{item[0]} seed {item[1]} (see {item[2] / 'train.log'})")
+        if running:
+            time.sleep(1.0)
+    if failed:
+        raise RuntimeError("runs failed: " + "; ".join(failed))
+    rows = aggregate(recipes, seeds, out)
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "results.md").write_text(markdown_table(rows))
+    plot(rows, out / "results.png")
+    return rows
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "values": values}
+
+
+def aggregate(recipes: Sequence[str], seeds: Sequence[int], out: Path) -> list[dict[str, Any]]:
+    rows = []
+    for recipe in recipes:
+        name = cfg.run_name(cfg.resolve_gin_file(recipe))
+        ms = [json.loads((out / "runs" / name / f"seed{s}" / "metrics.json").read_text())
+              for s in seeds]
+        rows.append({
+            "recipe": ms[0]["recipe"], "w_bits": ms[0]["w_bits"], "a_bits": ms[0]["a_bits"],
+            "seeds": list(seeds),
+            "teacher": _stats([m["teacher"]["test_top1"] for m in ms]),
+            "naive": _stats([m["naive"]["test_top1"] for m in ms]),
+            "best": _stats([m["best"]["test_top1"] for m in ms]),
+            "last": _stats([m["last"]["test_top1"] for m in ms]),
+            "last5": _stats([m["last5"]["test_top1"] for m in ms]),
+            "ms_per_iter": statistics.fmean(m["ms_per_iter"] for m in ms),
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    def f(s: dict[str, float]) -> str:
+        return f"{s['mean']:.2f} ± {s['std']:.2f}"
+
+    lines = [
+        "| recipe | W/A | teacher | naive | best-val epoch → test | last | mean of last 5 "
+        "| ms/iter | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['recipe']} | W{r['w_bits']}A{r['a_bits']} | {r['teacher']['mean']:.2f} | "
+            f"{f(r['naive'])} | {f(r['best'])} | {f(r['last'])} | {f(r['last5'])} | "
+            f"{r['ms_per_iter']:.1f} | {len(r['seeds'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{Path(r['recipe']).stem}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
+    width = 0.27
+    for i, key in enumerate(("naive", "best", "last")):
+        ax.bar([xi + (i - 1) * width for xi in x], [r[key]["mean"] for r in rows], width,
+               yerr=[r[key]["std"] for r in rows], capsize=3, label=key)
+    ax.axhline(statistics.fmean(r["teacher"]["mean"] for r in rows), color="k", ls="--",
+               lw=1, label="teacher")
+    ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("test top-1 (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dfqkit.bench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    acc = sub.add_parser("accuracy", help="run recipes × seeds and tabulate test top-1")
+    acc.add_argument("--gin", nargs="+", required=True, help="recipes")
+    acc.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    acc.add_argument("--out", required=True, type=Path)
+    acc.add_argument("--jobs", type=int, default=1, help="runs in parallel")
+    acc.add_argument("--gin_param", action="append", default=[])
+    spd = sub.add_parser("speed", help="time the training step on random weights")
+    spd.add_argument("--gin", action="append", required=True)
+    spd.add_argument("--batch", type=int, default=None)
+    spd.add_argument("--threads", type=int, default=None)
+    spd.add_argument("--iters", type=int, default=10)
+    spd.add_argument("--warmup", type=int, default=2)
+    spd.add_argument("--json", type=Path, default=None)
+    spd.add_argument("--gin_param", action="append", default=[])
+    args = parser.parse_args(argv)
+    if args.command == "accuracy":
+        rows = accuracy(args.gin, args.seeds, args.out, jobs=args.jobs, params=args.gin_param)
+        print(markdown_table(rows), end="")
+        return 0
+    try:
+        res = speed(args.gin, batch=args.batch, threads=args.threads, iters=args.iters,
+                    warmup=args.warmup, params=args.gin_param)
+    except cfg.ConfigError as err:
+        print(f"dfqkit.bench: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"{res['recipe']}: batch {res['batch_size']}, {res['threads']} thread(s), {res['device']}: "
+        f"generator step {res['ms_generator_step']:.1f} ms, student step "
+        f"{res['ms_student_step']:.1f} ms, total {res['ms_per_iter']:.1f} ms/iter, "
+        f"{res['img_per_s']:.1f} img/s, peak RSS {res['peak_rss_mb']:.0f} MB"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
