@@ -45,7 +45,8 @@ def synthetic_data(
                     val=ds, test=ds)
 
 
-gin.register(synthetic_data, module="dfqkit.bench")
+if __name__ != "__main__":  # under `python -m dfqkit.bench`, the imported module registers it
+    gin.register(synthetic_data, module="dfqkit.bench")
 
 SPEED_BINDINGS = (
     "TEACHER_WEIGHTS = None",
@@ -250,4 +251,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dfqkit.bench import main as _main  # the module that registered its configurables
+
+    sys.exit(_main())

@@ -42,7 +42,16 @@ logger = get_logger(__name__)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
-@gin.configurable(module="dfqkit", denylist=["output_dir", "resume", "recipe", "benchmark"])
+def _gin_root(fn):
+    # Under `python -m dfqkit.train` this file also runs as __main__; only the importable module
+    # registers the gin root (a second registration would clash), and __main__ delegates to it.
+    if __name__ == "__main__":
+        return fn
+    return gin.configurable(fn, module="dfqkit", denylist=["output_dir", "resume", "recipe",
+                                                           "benchmark"])
+
+
+@_gin_root
 def train(
     *,
     teacher: nn.Module = gin.REQUIRED,
@@ -271,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("accelerate.accelerator", "accelerate.checkpointing"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         metrics = run(args.gin, args.gin_param, output_dir=args.output_dir, resume=args.resume)
     except (cfg.ConfigError, FileNotFoundError, ValueError, FileExistsError) as err:
@@ -288,4 +299,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dfqkit.train import main as _main  # the module that registered the gin root
+
+    sys.exit(_main())

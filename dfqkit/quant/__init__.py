@@ -1,1 +1,34 @@
-"""dfqkit.quant."""
+"""dfqkit.quant: fake quantizers, quantized layers, placement policies and ``quantize_``.
+
+Importing this package registers every quantizer (``@quantizers.<Name>`` in gin) and
+``quant.QuantConfig``.
+"""
+
+from dfqkit.quant.act_base import ACT_MODES, ActQuantizer
+from dfqkit.quant.act_ema import EMAActQuantizer
+from dfqkit.quant.act_minmax import MinMaxActQuantizer
+from dfqkit.quant.api import act_quantizers, quantize_, set_quant_mode, sync_quantizers
+from dfqkit.quant.config import QuantConfig
+from dfqkit.quant.functional import fake_quant, minmax_qparams, quantize_codes
+from dfqkit.quant.modules import QuantConv2d, QuantLinear
+from dfqkit.quant.policies import POLICIES
+from dfqkit.quant.weight_minmax import MinMaxWeightQuantizer
+
+__all__ = [
+    "ACT_MODES",
+    "POLICIES",
+    "ActQuantizer",
+    "EMAActQuantizer",
+    "MinMaxActQuantizer",
+    "MinMaxWeightQuantizer",
+    "QuantConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "act_quantizers",
+    "fake_quant",
+    "minmax_qparams",
+    "quantize_",
+    "quantize_codes",
+    "set_quant_mode",
+    "sync_quantizers",
+]

@@ -46,11 +46,14 @@ class DryRun:
             call (modules never called are absent).
         relu_calls: Calls per ReLU module (of the configured types), by qualified name.
         functional_relus: ReLU function calls made outside ReLU modules (``F.relu``, ...).
+        relu_owners: Qualified names of the modules whose forward (directly or through a
+            submodule) made such a function call ("" = the root).
     """
 
     layer_order: list[str] = field(default_factory=list)
     relu_calls: Counter[str] = field(default_factory=Counter)
     functional_relus: int = 0
+    relu_owners: set[str] = field(default_factory=set)
 
     @property
     def relu_sites(self) -> int:
@@ -58,16 +61,36 @@ class DryRun:
         return sum(self.relu_calls.values()) + self.functional_relus
 
 
-class _FunctionalReluCounter(TorchFunctionMode):
-    def __init__(self, run: DryRun, depth: list[int]) -> None:
+class _Recorder(TorchFunctionMode):
+    """Counts functional ReLUs, keeping the stack of modules whose forward is running."""
+
+    def __init__(self, run: DryRun, relu_types: tuple[type[nn.Module], ...]) -> None:
         super().__init__()
         self.run = run
-        self.depth = depth  # > 0 while inside a ReLU module, whose own F.relu does not count
+        self.relu_types = relu_types
+        self.stack: list[str] = [""]
+        self.seen: set[str] = set()
+        self.relu_depth = 0  # > 0 inside a ReLU module, whose own F.relu call does not count
+
+    def enter(self, module: nn.Module, name: str) -> None:
+        self.stack.append(name)
+        if isinstance(module, self.relu_types):
+            self.run.relu_calls[name] += 1
+            self.relu_depth += 1
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and name not in self.seen:
+            self.seen.add(name)
+            self.run.layer_order.append(name)
+
+    def leave(self, module: nn.Module) -> None:
+        self.stack.pop()
+        if isinstance(module, self.relu_types):
+            self.relu_depth -= 1
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        if self.depth[0] == 0 and is_relu_call(func, args, kwargs):
+        if self.relu_depth == 0 and is_relu_call(func, args, kwargs):
             self.run.functional_relus += 1
+            self.run.relu_owners.update(self.stack)
         return func(*args, **kwargs)
 
 
@@ -88,32 +111,17 @@ def dry_run(
         The recorded :class:`DryRun`.
     """
     run = DryRun()
-    depth = [0]
-    seen: set[str] = set()
-
-    def on_layer(name: str) -> None:
-        if name not in seen:
-            seen.add(name)
-            run.layer_order.append(name)
-
-    def enter_relu(name: str) -> None:
-        run.relu_calls[name] += 1
-        depth[0] += 1
-
-    def leave_relu() -> None:
-        depth[0] -= 1
-
+    recorder = _Recorder(run, relu_types)
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: on_layer(n)))
-        if isinstance(module, relu_types):
-            handles.append(module.register_forward_pre_hook(lambda m, a, n=name: enter_relu(n)))
-            handles.append(module.register_forward_hook(lambda m, a, o: leave_relu()))
+        if name:
+            pre = module.register_forward_pre_hook(lambda m, a, n=name: recorder.enter(m, n))
+            post = module.register_forward_hook(lambda m, a, o: recorder.leave(m))
+            handles += [pre, post]
     flags = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        with torch.no_grad(), _FunctionalReluCounter(run, depth):
+        with torch.no_grad(), recorder:
             model(*example_inputs)
     finally:
         for handle in handles:

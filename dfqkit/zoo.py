@@ -1,0 +1,206 @@
+"""The offline model zoo: teachers trained here on the offline testbed and cached.
+
+Command line::
+
+    python -m dfqkit.zoo list
+    python -m dfqkit.zoo train mnist_resnet8 [--force] [--seed 0] [--epochs N]
+    python -m dfqkit.zoo path mnist_resnet8
+
+A trained teacher is ``<cache>/NAME.safetensors`` plus ``NAME.json`` (its metrics), where
+``<cache>`` is ``$DFQKIT_CACHE/zoo`` if the variable is set, else ``~/.cache/dfqkit/zoo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfqkit.data.eval_data import EvalData
+from dfqkit.data.mnist5k import mnist5k
+from dfqkit.models.fit_teacher import TrainRecipe, fit_teacher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A teacher the zoo can train.
+
+    Attributes:
+        name: zoo name (file stem in the cache).
+        description: one line for ``python -m dfqkit.zoo list``.
+        build: returns the randomly initialized model (called under the training seed).
+        data: returns the EvalData to train (train split), select (val) and score (test) on.
+        recipe: optimization settings.
+    """
+
+    name: str
+    description: str
+    build: Callable[[], nn.Module]
+    data: Callable[[], EvalData]
+    recipe: TrainRecipe
+
+
+def _mnist_resnet8() -> nn.Module:
+    from dfqkit.models.mnist_resnet import mnist_resnet
+
+    return mnist_resnet(depth=8, weights=None)
+
+
+# The zoo. Add a teacher by adding a row, e.g. the ViT path's teacher:
+#   ZooEntry("mnist_vit", "small ViT (no BN) on MNIST-5k", _mnist_vit, mnist5k,
+#            TrainRecipe(optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=...)),
+ZOO: dict[str, ZooEntry] = {
+    entry.name: entry
+    for entry in (
+        ZooEntry(
+            name="mnist_resnet8",
+            description="ResNet-8 with BN (78k params) on the MNIST-5k train split",
+            build=_mnist_resnet8,
+            data=mnist5k,  # split seed 0, as in every recipe
+            recipe=TrainRecipe(epochs=20, batch_size=128, lr=0.1, weight_decay=5e-4),
+        ),
+    )
+}
+
+
+def _entry(name: str) -> ZooEntry:
+    if name not in ZOO:
+        close = difflib.get_close_matches(name, list(ZOO), n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown zoo teacher {name!r}; valid names: {', '.join(ZOO)}.{hint}")
+    return ZOO[name]
+
+
+def cache_dir() -> Path:
+    """``$DFQKIT_CACHE/zoo`` if ``DFQKIT_CACHE`` is set, else ``~/.cache/dfqkit/zoo``."""
+    root = os.environ.get("DFQKIT_CACHE")
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "dfqkit"
+    return base / "zoo"
+
+
+def zoo_path(name: str) -> Path:
+    """Where the weights of zoo teacher ``name`` are (or will be) cached."""
+    return cache_dir() / f"{_entry(name).name}.safetensors"
+
+
+def metrics_path(name: str) -> Path:
+    """Where the metrics of zoo teacher ``name`` are (or will be) cached."""
+    return zoo_path(name).with_suffix(".json")
+
+
+def ensure_teacher(name: str) -> Path:
+    """The cached weights of ``name``; fails with the command that creates them if missing."""
+    path = zoo_path(name)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"zoo teacher {name!r} is not trained yet (no {path}); create it with: "
+            f"python -m dfqkit.zoo train {name}"
+        )
+    return path
+
+
+def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def train_teacher(
+    name: str, *, seed: int = 0, force: bool = False, epochs: int | None = None
+) -> dict[str, Any]:
+    """Train zoo teacher ``name`` and cache it; returns its metrics.
+
+    If it is already cached and ``force`` is false, nothing is trained and the cached metrics
+    are returned. The global RNG state is restored afterwards.
+
+    Args:
+        name: a key of :data:`ZOO`.
+        seed: training seed (model init, shuffling, augmentation); the data split is fixed.
+        force: retrain even if cached.
+        epochs: override the recipe's epoch count (short runs for tests).
+    """
+    from safetensors.torch import save_file
+
+    entry = _entry(name)
+    path, json_path = zoo_path(name), metrics_path(name)
+    if path.is_file() and not force:
+        logger.info("%s is already trained (%s); pass force=True to retrain", name, path)
+        return json.loads(json_path.read_text()) if json_path.is_file() else {}
+    recipe = entry.recipe
+    if epochs is not None:
+        recipe = TrainRecipe(**{**recipe.__dict__, "epochs": epochs})
+    data = entry.data()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = entry.build()
+        state, metrics = fit_teacher(model, data, recipe=recipe, seed=seed)
+    metrics = {"name": name, **metrics}
+    text = json.dumps(metrics, indent=2) + "\n"
+    # Metrics first: a weights file present implies its metrics are too.
+    _write_atomic(json_path, lambda tmp: Path(tmp).write_text(text))
+    meta = {"name": name, "seed": str(seed), "test_top1": f"{metrics['test_top1']:.2f}"}
+    _write_atomic(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    logger.info("saved %s: test top-1 %.2f%% -> %s", name, metrics["test_top1"], path)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dfqkit.zoo {list,train,path}``."""
+    parser = argparse.ArgumentParser(prog="python -m dfqkit.zoo", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="list the zoo's teachers and whether they are cached")
+    train = commands.add_parser("train", help="train a teacher and cache it")
+    train.add_argument("name")
+    train.add_argument("--force", action="store_true", help="retrain even if cached")
+    train.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    train.add_argument("--epochs", type=int, default=None, help="override the epoch count")
+    path = commands.add_parser("path", help="print where a teacher's weights are cached")
+    path.add_argument("name")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        if args.command == "list":
+            for entry in ZOO.values():
+                json_path = metrics_path(entry.name)
+                status = "not trained"
+                if zoo_path(entry.name).is_file() and json_path.is_file():
+                    status = f"test top-1 {json.loads(json_path.read_text())['test_top1']:.2f}%"
+                print(f"{entry.name:20s} {status:22s} {entry.description}")
+        elif args.command == "path":
+            print(zoo_path(args.name))
+            return 0 if zoo_path(args.name).is_file() else 1
+        else:
+            m = train_teacher(args.name, seed=args.seed, force=args.force, epochs=args.epochs)
+            print(
+                f"{args.name}: test top-1 {m.get('test_top1', float('nan')):.2f}% "
+                f"(val {m.get('val_top1', float('nan')):.2f}%, epoch {m.get('best_epoch')}, "
+                f"{m.get('seconds')} s) -> {zoo_path(args.name)}"
+            )
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

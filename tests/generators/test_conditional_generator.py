@@ -1,0 +1,50 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfqkit.generators import ConditionalGenerator, synthesize
+from dfqkit.mixers import NoMixer
+
+
+def test_shapes_and_normalized_output():
+    torch.manual_seed(0)
+    gen = ConditionalGenerator(num_classes=10, image_size=28, channels=1, latent_dim=16)
+    batch = synthesize(gen, NoMixer(), 8, torch.device("cpu"))
+    assert batch.images.shape == (8, 1, 28, 28)
+    assert batch.targets.shape == (8, 10)
+    torch.testing.assert_close(batch.targets, F.one_hot(batch.labels, 10).float())
+    # the last BN (affine=False, train mode) normalizes each channel over the batch
+    assert batch.images.mean().abs() < 1e-5
+    assert (batch.images.var(unbiased=False) - 1).abs() < 1e-2
+
+
+def test_embed_mul_is_label_embedding_times_z():
+    gen = ConditionalGenerator(num_classes=4, image_size=8, channels=3, latent_dim=6)
+    labels, z = torch.tensor([0, 3]), torch.randn(2, 6)
+    torch.testing.assert_close(gen.embed(labels, z), gen.label_emb.weight[labels] * z)
+
+
+def test_gdfq_eps_quirk_and_validation():
+    gen = ConditionalGenerator(num_classes=3, image_size=8, channels=3)
+    assert gen.bn1.eps == 0.8 and gen.bn2.eps == 0.8 and gen.bn0.eps == 1e-5
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ConditionalGenerator(num_classes=3, image_size=30)
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        ConditionalGenerator(num_classes=3, image_size=8, conditioning="concat")
+
+
+def test_cbn_blends_class_affines_by_soft_targets():
+    torch.manual_seed(0)
+    gen = ConditionalGenerator(num_classes=3, image_size=8, channels=3, conditioning="cbn")
+    with torch.no_grad():
+        gen.bn0.gamma.copy_(torch.randn(3, 128))
+        gen.bn0.beta.copy_(torch.randn(3, 128))
+    x = torch.randn(4, 128, 2, 2)
+    soft = torch.tensor([[0.5, 0.5, 0.0]] * 4)
+    hard = [F.one_hot(torch.full((4,), c), 3).float() for c in (0, 1)]
+    gen.bn0.eval()  # running statistics: the affine is the only per-sample difference
+    mixed = gen.bn0(x, soft)
+    torch.testing.assert_close(mixed, 0.5 * gen.bn0(x, hard[0]) + 0.5 * gen.bn0(x, hard[1]))
+    batch = synthesize(gen, NoMixer(), 4, torch.device("cpu"))
+    assert batch.images.shape == (4, 3, 8, 8)
+    torch.testing.assert_close(batch.cond, batch.z)
