@@ -33,16 +33,21 @@ from dfqkit import config as cfg
 from dfqkit.data import EvalData
 
 
-def synthetic_data(
-    *, num_classes: int, image_size: int, channels: int, size: int = 8
-) -> EvalData:
+def synthetic_data(*, num_classes: int, image_size: int, channels: int, size: int = 8) -> EvalData:
     """Random images standing in for an evaluation set (speed benchmarks only)."""
     images = torch.randn(size, channels, image_size, image_size)
     labels = torch.arange(size) % num_classes
     ds = torch.utils.data.TensorDataset(images, labels)
-    return EvalData(name="synthetic", num_classes=num_classes, image_size=image_size,
-                    channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels,
-                    val=ds, test=ds)
+    return EvalData(
+        name="synthetic",
+        num_classes=num_classes,
+        image_size=image_size,
+        channels=channels,
+        mean=(0.0,) * channels,
+        std=(1.0,) * channels,
+        val=ds,
+        test=ds,
+    )
 
 
 if __name__ != "__main__":  # under `python -m dfqkit.bench`, the imported module registers it
@@ -58,8 +63,15 @@ SPEED_BINDINGS = (
 )
 
 
-def speed(gin_files: Sequence[str], *, batch: int | None, threads: int | None, iters: int,
-          warmup: int, params: Sequence[str] = ()) -> dict[str, Any]:
+def speed(
+    gin_files: Sequence[str],
+    *,
+    batch: int | None,
+    threads: int | None,
+    iters: int,
+    warmup: int,
+    params: Sequence[str] = (),
+) -> dict[str, Any]:
     """Time the recipe's steady-state training iteration; returns the figures."""
     from dfqkit.train import train
 
@@ -101,8 +113,17 @@ def _run_one(recipe: str, seed: int, out: Path, params: Sequence[str], threads: 
     run_dir = out / "runs" / cfg.run_name(cfg.resolve_gin_file(recipe)) / f"seed{seed}"
     if (run_dir / "metrics.json").is_file():
         return run_dir, None
-    cmd = [sys.executable, "-m", "dfqkit.train", "--gin", recipe, "--gin_param",
-           f"SEED = {seed}", "--output_dir", str(run_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dfqkit.train",
+        "--gin",
+        recipe,
+        "--gin_param",
+        f"SEED = {seed}",
+        "--output_dir",
+        str(run_dir),
+    ]
     for p in params:
         cmd += ["--gin_param", p]
     if (run_dir / "checkpoints").is_dir():
@@ -115,8 +136,14 @@ def _run_one(recipe: str, seed: int, out: Path, params: Sequence[str], threads: 
     return run_dir, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def accuracy(recipes: Sequence[str], seeds: Sequence[int], out: Path, *, jobs: int = 1,
-             params: Sequence[str] = ()) -> list[dict[str, Any]]:
+def accuracy(
+    recipes: Sequence[str],
+    seeds: Sequence[int],
+    out: Path,
+    *,
+    jobs: int = 1,
+    params: Sequence[str] = (),
+) -> list[dict[str, Any]]:
     """Run every recipe × seed (``jobs`` at a time) and aggregate the metrics."""
     out.mkdir(parents=True, exist_ok=True)
     todo = [(r, s) for r in recipes for s in seeds]
@@ -155,18 +182,24 @@ def aggregate(recipes: Sequence[str], seeds: Sequence[int], out: Path) -> list[d
     rows = []
     for recipe in recipes:
         name = cfg.run_name(cfg.resolve_gin_file(recipe))
-        ms = [json.loads((out / "runs" / name / f"seed{s}" / "metrics.json").read_text())
-              for s in seeds]
-        rows.append({
-            "recipe": ms[0]["recipe"], "w_bits": ms[0]["w_bits"], "a_bits": ms[0]["a_bits"],
-            "seeds": list(seeds),
-            "teacher": _stats([m["teacher"]["test_top1"] for m in ms]),
-            "naive": _stats([m["naive"]["test_top1"] for m in ms]),
-            "best": _stats([m["best"]["test_top1"] for m in ms]),
-            "last": _stats([m["last"]["test_top1"] for m in ms]),
-            "last5": _stats([m["last5"]["test_top1"] for m in ms]),
-            "ms_per_iter": statistics.fmean(m["ms_per_iter"] for m in ms),
-        })
+        ms = [
+            json.loads((out / "runs" / name / f"seed{s}" / "metrics.json").read_text())
+            for s in seeds
+        ]
+        rows.append(
+            {
+                "recipe": ms[0]["recipe"],
+                "w_bits": ms[0]["w_bits"],
+                "a_bits": ms[0]["a_bits"],
+                "seeds": list(seeds),
+                "teacher": _stats([m["teacher"]["test_top1"] for m in ms]),
+                "naive": _stats([m["naive"]["test_top1"] for m in ms]),
+                "best": _stats([m["best"]["test_top1"] for m in ms]),
+                "last": _stats([m["last"]["test_top1"] for m in ms]),
+                "last5": _stats([m["last5"]["test_top1"] for m in ms]),
+                "ms_per_iter": statistics.fmean(m["ms_per_iter"] for m in ms),
+            }
+        )
     return rows
 
 
@@ -199,10 +232,21 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4))
     width = 0.27
     for i, key in enumerate(("naive", "best", "last")):
-        ax.bar([xi + (i - 1) * width for xi in x], [r[key]["mean"] for r in rows], width,
-               yerr=[r[key]["std"] for r in rows], capsize=3, label=key)
-    ax.axhline(statistics.fmean(r["teacher"]["mean"] for r in rows), color="k", ls="--",
-               lw=1, label="teacher")
+        ax.bar(
+            [xi + (i - 1) * width for xi in x],
+            [r[key]["mean"] for r in rows],
+            width,
+            yerr=[r[key]["std"] for r in rows],
+            capsize=3,
+            label=key,
+        )
+    ax.axhline(
+        statistics.fmean(r["teacher"]["mean"] for r in rows),
+        color="k",
+        ls="--",
+        lw=1,
+        label="teacher",
+    )
     ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test top-1 (%)")
     ax.legend(fontsize=8)
@@ -234,8 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_table(rows), end="")
         return 0
     try:
-        res = speed(args.gin, batch=args.batch, threads=args.threads, iters=args.iters,
-                    warmup=args.warmup, params=args.gin_param)
+        res = speed(
+            args.gin,
+            batch=args.batch,
+            threads=args.threads,
+            iters=args.iters,
+            warmup=args.warmup,
+            params=args.gin_param,
+        )
     except cfg.ConfigError as err:
         print(f"dfqkit.bench: error: {err}", file=sys.stderr)
         return 2

@@ -46,9 +46,7 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return None
-    done = [
-        p for p in root.iterdir() if _NAME.match(p.name) and (p / COMPLETE).is_file()
-    ]
+    done = [p for p in root.iterdir() if _NAME.match(p.name) and (p / COMPLETE).is_file()]
     return max(done, key=lambda p: int(_NAME.match(p.name).group(1)), default=None)
 
 

@@ -58,7 +58,9 @@ def _short(err: Exception) -> str:
     text = str(err).strip()
     # gin appends a location block ("In file ..., line N") after the first line; keep both short.
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    where = next((ln for ln in lines if ln.startswith("In file") or ln.startswith("In bindings")), "")
+    where = next(
+        (ln for ln in lines if ln.startswith("In file") or ln.startswith("In bindings")), ""
+    )
     head = lines[0] if lines else type(err).__name__
     return f"{head} ({where})" if where and where != head else head
 

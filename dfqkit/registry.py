@@ -62,8 +62,9 @@ def _suggest(name: str, options: list[str]) -> str:
 
 def _check_kind(kind: str) -> None:
     if kind not in _REGISTRY:
+        hint = _suggest(kind, list(KINDS))
         raise RegistryError(
-            f"unknown component kind {kind!r}; valid kinds: {', '.join(KINDS)}.{_suggest(kind, list(KINDS))}"
+            f"unknown component kind {kind!r}; valid kinds: {', '.join(KINDS)}.{hint}"
         )
 
 

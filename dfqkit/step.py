@@ -73,7 +73,7 @@ class Step:
     epoch: int = 0
 
     def logits(self, side: str) -> torch.Tensor:
-        """The logits a loss on ``side`` trains: the teacher's for the generator, else the student's."""
+        """The logits a loss on ``side`` trains: the teacher's (generator side) or the student's."""
         if side == "generator":
             return self.teacher_logits
         if self.student_logits is None:

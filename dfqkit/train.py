@@ -24,7 +24,7 @@ import gin
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,6 +40,11 @@ from dfqkit.runs import check_setup, noise_batch, prepare_output_dir, save_sampl
 logger = get_logger(__name__)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# GDFQ's optimizers (recipes bind their own through gin's torch.optim configurables)
+GENERATOR_OPTIMIZER = functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.999))
+STUDENT_OPTIMIZER = functools.partial(
+    torch.optim.SGD, lr=1e-4, momentum=0.9, nesterov=True, weight_decay=1e-4
+)
 
 
 def _gin_root(fn):
@@ -47,8 +52,9 @@ def _gin_root(fn):
     # registers the gin root (a second registration would clash), and __main__ delegates to it.
     if __name__ == "__main__":
         return fn
-    return gin.configurable(fn, module="dfqkit", denylist=["output_dir", "resume", "recipe",
-                                                           "benchmark"])
+    return gin.configurable(
+        fn, module="dfqkit", denylist=["output_dir", "resume", "recipe", "benchmark"]
+    )
 
 
 @_gin_root
@@ -65,12 +71,8 @@ def train(
     batch_size: int = 200,
     warmup_epochs: int = 4,
     calib_epochs: int = 4,
-    generator_optimizer: Callable[..., torch.optim.Optimizer] = functools.partial(
-        torch.optim.Adam, lr=1e-3, betas=(0.5, 0.999)
-    ),
-    student_optimizer: Callable[..., torch.optim.Optimizer] = functools.partial(
-        torch.optim.SGD, lr=1e-4, momentum=0.9, nesterov=True, weight_decay=1e-4
-    ),
+    generator_optimizer: Callable[..., torch.optim.Optimizer] = GENERATOR_OPTIMIZER,
+    student_optimizer: Callable[..., torch.optim.Optimizer] = STUDENT_OPTIMIZER,
     lr_milestones: Sequence[int] = (100, 200, 300),
     lr_gamma: float = 0.1,
     eval_every: int = 1,
@@ -111,10 +113,15 @@ def train(
             iterations (generator and student step) after ``warmup`` calibrating ones, and
             return the timings (used by ``python -m dfqkit.bench speed``).
     """
-    for name, value, low in (("epochs", epochs, 1), ("iters_per_epoch", iters_per_epoch, 1),
-                             ("batch_size", batch_size, 1), ("eval_every", eval_every, 1),
-                             ("warmup_epochs", warmup_epochs, 0), ("calib_epochs", calib_epochs, 0),
-                             ("naive_batches", naive_batches, 1)):
+    for name, value, low in (
+        ("epochs", epochs, 1),
+        ("iters_per_epoch", iters_per_epoch, 1),
+        ("batch_size", batch_size, 1),
+        ("eval_every", eval_every, 1),
+        ("warmup_epochs", warmup_epochs, 0),
+        ("calib_epochs", calib_epochs, 0),
+        ("naive_batches", naive_batches, 1),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise cfg.ConfigError(f"train.{name} must be an integer >= {low}, got {value!r}")
     if mixed_precision not in MIXED_PRECISION:
@@ -123,14 +130,24 @@ def train(
         )
     mixer = NoMixer() if mixer is None else mixer
     out = prepare_output_dir(output_dir, resume=resume)
-    acc = Accelerator(mixed_precision=mixed_precision, project_dir=str(out))
+    # Each process observes its own batches; ranges are merged by sync_quantizers, not by DDP's
+    # per-forward buffer broadcast from rank 0.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    acc = Accelerator(mixed_precision=mixed_precision, project_dir=str(out), kwargs_handlers=[ddp])
     device = acc.device
 
     # ---- build and check everything before any training step
     teacher = teacher.to(device).eval().requires_grad_(False)
     generator, mixer = generator.to(device), mixer.to(device)
-    check_setup(teacher=teacher, data=data, generator=generator, mixer=mixer, losses=losses,
-                batch_size=batch_size, device=device)
+    check_setup(
+        teacher=teacher,
+        data=data,
+        generator=generator,
+        mixer=mixer,
+        losses=losses,
+        batch_size=batch_size,
+        device=device,
+    )
     example = noise_batch(data, 2, device)
     student = quantize_(copy.deepcopy(teacher), quant, example).requires_grad_(True).eval()
     gen_params = [p for m in (generator, mixer) for p in m.parameters() if p.requires_grad]
@@ -145,9 +162,17 @@ def train(
         acc.register_for_checkpointing(generator)
     student, student_opt = acc.prepare(student, student_opt)
     acc.register_for_checkpointing(state)
-    engine = Engine(accelerator=acc, teacher=teacher, student=student, generator=generator,
-                    mixer=mixer, losses=losses, generator_optimizer=gen_opt,
-                    student_optimizer=student_opt, batch_size=batch_size)
+    engine = Engine(
+        accelerator=acc,
+        teacher=teacher,
+        student=student,
+        generator=generator,
+        mixer=mixer,
+        losses=losses,
+        generator_optimizer=gen_opt,
+        student_optimizer=student_opt,
+        batch_size=batch_size,
+    )
     if benchmark is not None:
         return _benchmark(engine, student, *benchmark)
     loaders = {s: acc.prepare(data.loader(s, batch_size=256)) for s in ("val", "test")}
@@ -169,20 +194,27 @@ def train(
                 naive(noise_batch(data, batch_size, device))
         sync_quantizers(naive)
         set_quant_mode(naive, "frozen")
-        naive_eval = evaluate(naive, loaders["test"], teacher=teacher, device=device,
-                              accelerator=acc)
+        naive_eval = evaluate(
+            naive, loaders["test"], teacher=teacher, device=device, accelerator=acc
+        )
         state.reference = {"teacher": teacher_eval, "naive": naive_eval}
         del naive
         set_seed(seed, device_specific=True)  # each process samples its own latents
-    logger.info(f"teacher test top-1 {state.reference['teacher']['top1']:.2f}, "
-                f"naive {state.reference['naive']['top1']:.2f}", main_process_only=True)
+    logger.info(
+        f"teacher test top-1 {state.reference['teacher']['top1']:.2f}, "
+        f"naive {state.reference['naive']['top1']:.2f}",
+        main_process_only=True,
+    )
     if acc.is_main_process:
         cfg.save_operative_config(out)
 
     # ---- the loop
     start_epoch = state.epochs_done
     for epoch in range(start_epoch, epochs):
-        if early_stopping_patience is not None and state.evals_since_best >= early_stopping_patience:
+        if (
+            early_stopping_patience is not None
+            and state.evals_since_best >= early_stopping_patience
+        ):
             break
         decay = lr_gamma ** sum(epoch >= m for m in lr_milestones)
         for opt, lrs in zip((o for o in (gen_opt, student_opt) if o), base_lrs, strict=True):
@@ -192,8 +224,13 @@ def train(
         set_quant_mode(student, "observe" if phase.observe else "frozen")
         generator.train()
         t0 = time.perf_counter()
-        bar = tqdm(range(iters_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", leave=False,
-                   disable=not acc.is_local_main_process, mininterval=2.0)
+        bar = tqdm(
+            range(iters_per_epoch),
+            desc=f"epoch {epoch + 1}/{epochs}",
+            leave=False,
+            disable=not acc.is_local_main_process,
+            mininterval=2.0,
+        )
         for _ in bar:
             engine.iteration(phase, epoch)
         if device.type == "cuda":
@@ -207,7 +244,9 @@ def train(
         if state.epochs_done % eval_every == 0 or state.epochs_done == epochs:
             scalars.update(_evaluate_epoch(acc, student, teacher, loaders, state, device))
             if acc.is_main_process:
-                save_samples(engine.last_batch, data, out / "samples" / f"epoch_{epoch + 1:04d}.png")
+                save_samples(
+                    engine.last_batch, data, out / "samples" / f"epoch_{epoch + 1:04d}.png"
+                )
         acc.log(scalars, step=state.epochs_done)
         ckpt.save_checkpoint(acc, out, state.epochs_done, keep=checkpoint_keep)
 
@@ -235,18 +274,26 @@ def _benchmark(engine: Engine, student: nn.Module, warmup: int, iterations: int)
 
 def _evaluate_epoch(acc, student, teacher, loaders, state, device) -> dict[str, float]:
     model = acc.unwrap_model(student)
+    set_quant_mode(model, "frozen")  # real evaluation images must not move observed ranges
     val = evaluate(model, loaders["val"], device=device, accelerator=acc)
     test = evaluate(model, loaders["test"], teacher=teacher, device=device, accelerator=acc)
-    record = {"epoch": state.epochs_done, "val_top1": val["top1"], "test_top1": test["top1"],
-              "test_top5": test["top5"], "test_agree": test["agree"]}
+    record = {
+        "epoch": state.epochs_done,
+        "val_top1": val["top1"],
+        "test_top1": test["top1"],
+        "test_top5": test["top5"],
+        "test_agree": test["agree"],
+    }
     state.history.append(record)
     if state.best is None or record["val_top1"] > state.best["val_top1"]:
         state.best, state.evals_since_best = record, 0
     else:
         state.evals_since_best += 1
-    logger.info(f"epoch {state.epochs_done}: val {val['top1']:.2f} test {test['top1']:.2f} "
-                f"(best val {state.best['val_top1']:.2f} @ {state.best['epoch']})",
-                main_process_only=True)
+    logger.info(
+        f"epoch {state.epochs_done}: val {val['top1']:.2f} test {test['top1']:.2f} "
+        f"(best val {state.best['val_top1']:.2f} @ {state.best['epoch']})",
+        main_process_only=True,
+    )
     return {"eval/val_top1": val["top1"], "eval/test_top1": test["top1"]}
 
 
@@ -271,10 +318,20 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dfqkit.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--gin", action="append", required=True, metavar="FILE",
-                        help="gin file (recipe or fragment); repeatable")
-    parser.add_argument("--gin_param", action="append", default=[], metavar="BINDING",
-                        help='a binding such as "W_BITS = 3"; repeatable')
+    parser.add_argument(
+        "--gin",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="gin file (recipe or fragment); repeatable",
+    )
+    parser.add_argument(
+        "--gin_param",
+        action="append",
+        default=[],
+        metavar="BINDING",
+        help='a binding such as "W_BITS = 3"; repeatable',
+    )
     parser.add_argument("--output_dir", default=None, help="run directory (default runs/...)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -289,11 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"dfqkit.train: error: {err}", file=sys.stderr)
         return 2
-    if not math.isnan(metrics.get("best", {}).get("test_top1", math.nan)):
+    m = metrics
+    if not math.isnan(m["best"]["test_top1"]):
         print(
-            f"teacher {metrics['teacher']['test_top1']:.2f} | naive {metrics['naive']['test_top1']:.2f}"
-            f" | quantized best {metrics['best']['test_top1']:.2f} (epoch {metrics['best']['epoch']})"
-            f", last {metrics['last']['test_top1']:.2f} | run directory: {metrics['output_dir']}"
+            f"teacher {m['teacher']['test_top1']:.2f} | naive {m['naive']['test_top1']:.2f} | "
+            f"quantized best-val epoch {m['best']['epoch']}: {m['best']['test_top1']:.2f}, "
+            f"last {m['last']['test_top1']:.2f} | run directory: {m['output_dir']}"
         )
     return 0
 

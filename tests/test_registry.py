@@ -53,7 +53,8 @@ def test_gin_names_components_by_kind():
 def test_plugin_entry_point_registers_components(tmp_path, monkeypatch):
     pkg = tmp_path / "dfq_tiny_plugin"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text(textwrap.dedent("""
+    (pkg / "__init__.py").write_text(
+        textwrap.dedent("""
         from dfqkit.losses.base import Loss
         from dfqkit.registry import register
 
@@ -63,7 +64,8 @@ def test_plugin_entry_point_registers_components(tmp_path, monkeypatch):
 
             def compute(self, step):
                 return step.teacher_logits.sum() * 0
-    """))
+    """)
+    )
     dist = tmp_path / "dfq_tiny_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dfq-tiny-plugin\nVersion: 0.1\n")
@@ -86,5 +88,7 @@ def test_list_command_prints_one_line_per_component(capsys):
     assert main(["losses"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("losses:")
-    assert any(line.split()[0] == "KDLoss" and len(line.split()) > 1 for line in out.splitlines()[1:])
+    assert any(
+        line.split()[0] == "KDLoss" and len(line.split()) > 1 for line in out.splitlines()[1:]
+    )
     assert main(["nope"]) == 2

@@ -89,8 +89,9 @@ def cifar(*, root: str, num_classes: int = 10, val: str = "test") -> EvalData:
         val_idx, test_idx = stratified_split(
             labels, seed=HOLDOUT_SEED, fractions=(holdout, 1.0 - holdout)
         )
-        val_set, test_set = full.subset(torch.from_numpy(val_idx)), full.subset(
-            torch.from_numpy(test_idx)
+        val_set, test_set = (
+            full.subset(torch.from_numpy(val_idx)),
+            full.subset(torch.from_numpy(test_idx)),
         )
     return EvalData(
         name=f"cifar{num_classes}",

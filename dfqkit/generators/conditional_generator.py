@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dfqkit.generators.base import Generator
+from dfqkit.generators.upsample_conv import UpsampleConv2d
 from dfqkit.registry import register
 from dfqkit.step import SynthBatch
 
@@ -38,7 +39,8 @@ class ConditionalGenerator(Generator):
 
     ``cond → Linear → (128, s/4, s/4) → BN → up×2 → conv3×3 128 → BN(eps) → LReLU(0.2) → up×2 →
     conv3×3 64 → BN(eps) → LReLU(0.2) → conv3×3 c → tanh → BN(c, affine=False)``. The output is in
-    the teacher's normalized input space (no clamping).
+    the teacher's normalized input space (no clamping). Each ``up×2 → conv3×3`` pair runs as one
+    :class:`UpsampleConv2d` (the same function at 16/36 of the multiply-adds).
 
     Args:
         num_classes: number of classes ``k``.
@@ -85,10 +87,10 @@ class ConditionalGenerator(Generator):
             return nn.BatchNorm2d(c, eps=eps)
 
         self.bn0 = norm(width, 1e-5)
-        self.up = nn.Upsample(scale_factor=2)
-        self.conv1 = nn.Conv2d(width, width, 3, stride=1, padding=1)
+        # up×2 → conv3×3, computed at low resolution (same function, 16/36 of the work)
+        self.conv1 = UpsampleConv2d(width, width)
         self.bn1 = norm(width, bn_eps)
-        self.conv2 = nn.Conv2d(width, half, 3, stride=1, padding=1)
+        self.conv2 = UpsampleConv2d(width, half)
         self.bn2 = norm(half, bn_eps)
         self.act = nn.LeakyReLU(0.2, inplace=True)
         self.conv3 = nn.Conv2d(half, channels, 3, stride=1, padding=1)
@@ -108,9 +110,10 @@ class ConditionalGenerator(Generator):
         return layer(x)
 
     def decode(self, batch: SynthBatch) -> torch.Tensor:
-        x = self.l1(batch.cond).view(-1, self.l1.out_features // self.init_size**2,
-                                     self.init_size, self.init_size)
+        x = self.l1(batch.cond).view(
+            -1, self.l1.out_features // self.init_size**2, self.init_size, self.init_size
+        )
         x = self._norm(self.bn0, x, batch)  # (b, w, s/4, s/4)
-        x = self.act(self._norm(self.bn1, self.conv1(self.up(x)), batch))  # (b, w, s/2, s/2)
-        x = self.act(self._norm(self.bn2, self.conv2(self.up(x)), batch))  # (b, w/2, s, s)
+        x = self.act(self._norm(self.bn1, self.conv1(x), batch))  # (b, w, s/2, s/2)
+        x = self.act(self._norm(self.bn2, self.conv2(x), batch))  # (b, w/2, s, s)
         return self.out_bn(torch.tanh(self.conv3(x)))  # (b, c, s, s)

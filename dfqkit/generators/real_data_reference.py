@@ -29,7 +29,9 @@ class RealDataReference(Generator):
 
     def __init__(self, *, data, seed: int = 0) -> None:
         if data.train is None:
-            raise ValueError(f"RealDataReference needs a train split; dataset {data.name!r} has none")
+            raise ValueError(
+                f"RealDataReference needs a train split; dataset {data.name!r} has none"
+            )
         super().__init__(num_classes=data.num_classes, latent_dim=1)
         images, labels = zip(*(data.train[i] for i in range(len(data.train))), strict=True)
         self.register_buffer("images", torch.stack(images), persistent=False)

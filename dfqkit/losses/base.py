@@ -1,4 +1,4 @@
-"""The loss contract: ``loss(step) -> scalar`` with a ``weight``, a ``side`` and the taps it needs."""
+"""The loss contract: ``loss(step) -> scalar`` with a weight, a side and the taps it needs."""
 
 from __future__ import annotations
 

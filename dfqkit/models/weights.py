@@ -87,9 +87,7 @@ def load_weights(
     """
     state = read_state_dict(path)
     expected = model.state_dict()
-    missing = [
-        k for k in expected if k not in state and not k.endswith("num_batches_tracked")
-    ]
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"

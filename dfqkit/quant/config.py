@@ -99,4 +99,5 @@ class QuantConfig:
         ]
         return max(chosen) if chosen else default
 
+
 gin.external_configurable(QuantConfig, module="dfqkit.quant")

@@ -97,7 +97,9 @@ class QuantLinear(nn.Linear):
             A ``QuantLinear`` in the same train/eval mode as ``module``.
         """
         _check_float(module, nn.Linear, cls)
-        new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        new = cls(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+        )
         new.weight = module.weight
         new.bias = module.bias
         new.weight_quant = weight_quant

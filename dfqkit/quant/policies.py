@@ -50,7 +50,12 @@ def layer_inputs(model: nn.Module, config: QuantConfig, run: DryRun) -> nn.Modul
         module.input_quant = config.act_quantizer(bits=bits)
         placed += 1
     if not placed:
-        raise _none_placed(model, "layer_inputs", "it has no quantized conv/linear layer")
+        raise _none_placed(
+            model,
+            "layer_inputs",
+            "it has no quantized conv/linear layer besides the first, whose input (the network "
+            "input) is quantized only with quantize_input=True",
+        )
     return model
 
 

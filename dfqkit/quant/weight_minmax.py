@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dfqkit.quant.functional import check_bits, check_ste, fake_quant, minmax_qparams, quantize_codes
+from dfqkit.quant.functional import (
+    check_bits,
+    check_ste,
+    fake_quant,
+    minmax_qparams,
+    quantize_codes,
+)
 from dfqkit.registry import register
 
 

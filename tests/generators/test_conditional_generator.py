@@ -48,3 +48,24 @@ def test_cbn_blends_class_affines_by_soft_targets():
     batch = synthesize(gen, NoMixer(), 4, torch.device("cpu"))
     assert batch.images.shape == (4, 3, 8, 8)
     torch.testing.assert_close(batch.cond, batch.z)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsample_conv_equals_upsample_then_conv(bias):
+    from torch import nn
+
+    from dfqkit.generators.upsample_conv import UpsampleConv2d
+
+    torch.manual_seed(0)
+    fused = UpsampleConv2d(5, 7, bias=bias)
+    plain = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(5, 7, 3, padding=1, bias=bias))
+    plain[1].load_state_dict(fused.state_dict())
+    x = torch.randn(3, 5, 4, 6, requires_grad=True)
+    y1, y2 = fused(x), plain(x)
+    assert y1.shape == (3, 7, 8, 12)
+    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y1)
+    g1 = torch.autograd.grad(y1, [x, fused.weight], g)
+    g2 = torch.autograd.grad(y2, [x, plain[1].weight], g)
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -20,9 +20,14 @@ def _step(b=4, k=5, targets=None):
 def test_kd_matches_torch_kldiv(reduction):
     step = _step()
     T = 4.0
-    expected = nn.KLDivLoss(reduction=reduction)(
-        F.log_softmax(step.student_logits / T, -1), F.softmax(step.teacher_logits / T, -1)
-    ) * T * T * 0.5
+    expected = (
+        nn.KLDivLoss(reduction=reduction)(
+            F.log_softmax(step.student_logits / T, -1), F.softmax(step.teacher_logits / T, -1)
+        )
+        * T
+        * T
+        * 0.5
+    )
     got = KDLoss(temperature=T, reduction=reduction, weight=0.5)(step)
     torch.testing.assert_close(got, expected)
 

@@ -61,7 +61,7 @@ def test_per_channel_beats_per_tensor_on_a_small_channel():
     per_tensor = MinMaxWeightQuantizer(bits=4, per_channel=False)(w)
     err_channel = (per_channel[0] - w[0]).abs().max()
     err_tensor = (per_tensor[0] - w[0]).abs().max()
-    assert err_channel < err_tensor / 20
+    assert err_channel < err_tensor / 5
     # per tensor, the small channel is crushed onto a few codes around 0
     assert per_tensor[0].unique().numel() <= 3 < per_channel[0].unique().numel()
 

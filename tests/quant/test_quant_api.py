@@ -1,0 +1,195 @@
+import copy
+
+import pytest
+import timm
+import torch
+import torch.fx as fx
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+from dfqkit.quant import (
+    MinMaxActQuantizer,
+    QuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    act_quantizers,
+    quantize_,
+    set_quant_mode,
+    sync_quantizers,
+)
+
+X = torch.randn(1, 3, 32, 32)
+W4A4 = QuantConfig(w_bits=4, a_bits=4)
+
+
+def _resnet18() -> nn.Module:
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+class FunctionalNet(nn.Module):
+    """Functional ReLUs (F.relu, torch.relu, F.relu6, Tensor.relu) and a ReLU module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = torch.relu(self.conv(x)) + x
+        x = F.relu6(self.act(x)).relu()
+        return self.fc(x.mean((2, 3)))
+
+
+def _count(model: nn.Module, types) -> int:
+    return sum(isinstance(m, types) for m in model.modules())
+
+
+def test_resnet18_reused_relu_takes_fx_path_and_matches_at_16_bits():
+    teacher = _resnet18()
+    student = quantize_(copy.deepcopy(teacher), QuantConfig(w_bits=16, a_bits=16), X)
+    assert isinstance(student, fx.GraphModule)
+    assert len(act_quantizers(student)) == 17  # stem 1 + 8 blocks x 2 relu call sites
+    assert _count(student, QuantConv2d) == 20 and _count(student, QuantLinear) == 1
+    # parameter and buffer names unchanged; quantizers only add their own
+    extra = set(student.state_dict()) - set(teacher.state_dict())
+    assert set(teacher.state_dict()) <= set(student.state_dict())
+    assert all("_quant" in key for key in extra)
+    with torch.no_grad():
+        expected, got = teacher(X), student(X)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-3 * expected.abs().max().item())
+
+
+def test_mobilenet_v2_module_path_wraps_every_relu6():
+    model = torchvision.models.mobilenet_v2(num_classes=10).eval()
+    n_relu6 = _count(model, nn.ReLU6)
+    quantized = quantize_(model, W4A4, X)
+    assert quantized is model and type(model) is torchvision.models.MobileNetV2
+    assert len(act_quantizers(model)) == n_relu6 == 35
+    wrapped = model.features[1].conv[0][2]  # GDFQ: Sequential(ReLU6, quantizer)
+    assert isinstance(wrapped, nn.Sequential) and isinstance(wrapped[0], nn.ReLU6)
+    assert model(X).shape == (1, 10)
+
+
+def test_timm_cnn():
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
+    n_relu = _count(model, nn.ReLU)
+    quantized = quantize_(model, W4A4, X)
+    assert quantized is model  # one ReLU module per call site: GDFQ's module path
+    assert len(act_quantizers(quantized)) == n_relu == 11
+    assert _count(quantized, (QuantConv2d, QuantLinear)) == 15
+    assert torch.isfinite(quantized(X)).all()
+
+
+def test_functional_relus_get_one_quantizer_per_call_site():
+    model = FunctionalNet().eval()
+    quantized = quantize_(model, W4A4, torch.randn(2, 3, 8, 8))
+    assert isinstance(quantized, fx.GraphModule)
+    assert len(act_quantizers(quantized)) == 5  # F.relu, torch.relu, act, F.relu6, .relu()
+    quantized(torch.randn(2, 3, 8, 8))
+    assert all(q.num_updates.item() == 1 for q in act_quantizers(quantized))
+
+
+def test_first_and_last_layer_bits():
+    config = QuantConfig(w_bits=4, a_bits=4, first_layer_bits=8, last_layer_bits=6)
+    model = quantize_(_resnet18(), config, X)
+    bits = {n: m.weight_quant.bits for n, m in model.named_modules() if hasattr(m, "weight_quant")}
+    assert bits.pop("conv1") == 8 and bits.pop("fc") == 6
+    assert set(bits.values()) == {4}
+
+
+@pytest.mark.parametrize("quantize_input", [False, True])
+def test_layer_inputs_policy(quantize_input):
+    config = QuantConfig(
+        w_bits=4, a_bits=4, policy="layer_inputs", quantize_input=quantize_input, last_layer_bits=8
+    )
+    model = quantize_(_resnet18(), config, X)
+    assert type(model) is torchvision.models.ResNet
+    assert len(act_quantizers(model)) == 21 - 1 + quantize_input  # 20 convs + fc
+    assert (model.conv1.input_quant is not None) == quantize_input
+    assert model.fc.input_quant.bits == 8 and model.layer1[0].conv1.input_quant.bits == 4
+
+
+def test_filter_fn_keeps_layers_float():
+    model = quantize_(_resnet18(), W4A4, X, filter_fn=lambda module, fqn: fqn != "fc")
+    assert type(model.fc) is nn.Linear and isinstance(model.conv1, QuantConv2d)
+
+
+def test_teacher_untouched_and_dry_run_keeps_bn_statistics():
+    teacher = torchvision.models.resnet18(num_classes=10).train()
+    snapshot = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = quantize_(copy.deepcopy(teacher), W4A4, X)
+    assert student.training and student.get_submodule("layer1.0.bn1").training
+    for key, value in student.state_dict().items():  # the dry run ran in eval mode
+        if key in snapshot:
+            torch.testing.assert_close(value, snapshot[key], rtol=0, atol=0)
+    student.eval()
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    student(X).sum().backward()
+    assert student.get_submodule("conv1").weight.grad.abs().sum() > 0  # STE passes gradients
+    opt.step()
+    assert _count(teacher, (QuantConv2d, QuantLinear)) == 0
+    for key, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, snapshot[key], rtol=0, atol=0)
+
+
+def test_state_dict_round_trip():
+    config = QuantConfig(w_bits=4, a_bits=4, act_quantizer=MinMaxActQuantizer)
+    source = quantize_(_resnet18(), config, X)
+    source(torch.randn(2, 3, 32, 32))
+    target = quantize_(_resnet18(), config, X)
+    target.load_state_dict(source.state_dict())
+    set_quant_mode(source, "frozen")
+    set_quant_mode(target, "frozen")  # raises on forward if the observed state did not load
+    for a, b in zip(act_quantizers(source), act_quantizers(target)):
+        assert (a.lo.item(), a.hi.item(), a.num_updates.item()) == (
+            b.lo.item(),
+            b.hi.item(),
+            b.num_updates.item(),
+        )
+    with torch.no_grad():
+        torch.testing.assert_close(target(X), source(X))
+
+
+def test_quant_modes():
+    model = quantize_(FunctionalNet(), W4A4, torch.randn(1, 3, 8, 8))
+    set_quant_mode(model, "frozen")
+    with pytest.raises(RuntimeError, match="never observed"):
+        model(torch.randn(1, 3, 8, 8))
+    set_quant_mode(model, "observe")
+    model(torch.randn(1, 3, 8, 8))
+    sync_quantizers(model)  # single process: no-op
+    with pytest.raises(ValueError, match="mode must be one of 'observe', 'frozen', got 'calib'"):
+        set_quant_mode(model, "calib")
+
+
+def test_errors_name_model_and_policy():
+    no_relu = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU())
+    with pytest.raises(ValueError, match="policy 'after_relu' placed no activation quantizer in"):
+        quantize_(no_relu, W4A4, X)
+    model = quantize_(FunctionalNet(), W4A4, torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_(model, W4A4, torch.randn(1, 3, 8, 8))
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.conv(x))
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            x = self.relu(self.conv(x))
+        return x
+
+
+def test_untraceable_model_fails_with_advice():
+    with pytest.raises(RuntimeError, match="policy='layer_inputs'"):
+        quantize_(Untraceable(), W4A4, X)
+    config = QuantConfig(w_bits=4, a_bits=4, policy="layer_inputs", quantize_input=True)
+    assert len(act_quantizers(quantize_(Untraceable(), config, X))) == 1
