@@ -41,9 +41,33 @@ class UpsampleConv2d(nn.Conv2d):
         o = self.out_channels
         bias = self.bias.repeat(4) if self.bias is not None else None
         y = F.conv2d(x, self.phase_kernels().to(x.dtype), bias, padding=1)  # (n, 4o, h+1, w+1)
-        y = y.view(n, 2, 2, o, h + 1, w + 1)
-        rows = [
-            torch.stack([y[:, a, b, :, a : a + h, b : b + w] for b in (0, 1)], dim=-1)
-            for a in (0, 1)
-        ]  # each (n, o, h, w, 2)
-        return torch.stack(rows, dim=3).reshape(n, o, 2 * h, 2 * w)
+        return _InterleavePhases.apply(y.view(n, 2, 2, o, h + 1, w + 1))
+
+
+class _InterleavePhases(torch.autograd.Function):
+    """``(n, 2, 2, o, h+1, w+1) -> (n, o, 2h, 2w)``: phase (a, b) is the window starting at (a, b).
+
+    Written as a Function because autograd's backward of four overlapping slices allocates and
+    zero-fills four full-size gradients; this one allocates one.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        n, _, _, o, h1, w1 = y.shape
+        h, w = h1 - 1, w1 - 1
+        out = y.new_empty(n, o, h, 2, w, 2)
+        for a in (0, 1):
+            for b in (0, 1):
+                out[:, :, :, a, :, b] = y[:, a, b, :, a : a + h, b : b + w]
+        return out.view(n, o, 2 * h, 2 * w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        n, o, h2, w2 = grad.shape
+        h, w = h2 // 2, w2 // 2
+        g = grad.reshape(n, o, h, 2, w, 2)
+        gy = grad.new_zeros(n, 2, 2, o, h + 1, w + 1)
+        for a in (0, 1):
+            for b in (0, 1):
+                gy[:, a, b, :, a : a + h, b : b + w] = g[:, :, :, a, :, b]
+        return gy

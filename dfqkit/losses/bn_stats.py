@@ -16,7 +16,7 @@ class BNStatsLoss(Loss):
     For each BatchNorm layer ``l`` with input ``x_l (b, c, h, w)``: batch mean ``μ̂`` and biased
     variance ``σ̂²`` over ``(b, h, w)``; the loss is
     ``(1/L) Σ_l [MSE(μ̂_l, μ_l) + MSE(σ̂²_l, σ²_l)]`` with MSE the mean over channels (the
-    variance, not the std, is matched). One fused ``var_mean`` pass per layer, no layout copy.
+    variance, not the std, is matched). No layout copy of the BN inputs.
 
     Reference: Xu et al., "Generative Low-bitwidth Data Free Quantization", ECCV 2020 (GDFQ).
     """
@@ -28,8 +28,13 @@ class BNStatsLoss(Loss):
         pairs = step.teacher_taps["bn_inputs"]
         total = 0.0
         for x, bn in pairs:
+            x = x.float()
             dims = [0] + list(range(2, x.dim()))
-            var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            # two passes (mean, then mean squared deviation): the same numbers as var_mean,
+            # several times faster on CPU for reductions over (b, h, w) of an NCHW tensor
+            mean = x.mean(dims)
+            var = (x - mean.view(shape)).square().mean(dims)
             total = total + (mean - bn.running_mean).pow(2).mean()
             total = total + (var - bn.running_var).pow(2).mean()
         return total / len(pairs)

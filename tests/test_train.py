@@ -1,0 +1,131 @@
+"""The real trainer on the offline testbed, shrunk to a few iterations."""
+
+import json
+
+import pytest
+import torch
+
+from dfqkit import checkpoint as ckpt
+from dfqkit.config import ConfigError
+from dfqkit.train import main, run
+
+TINY = [
+    "EPOCHS = 2",
+    "ITERS_PER_EPOCH = 2",
+    "BATCH_SIZE = 8",
+    "train.warmup_epochs = 1",
+    "train.calib_epochs = 1",
+    "LATENT_DIM = 8",
+    "generators.ConditionalGenerator.width = 16",
+]
+RECIPE = "recipes/mnist/gdfq_w4a4.gin"
+
+
+@pytest.fixture(scope="session")
+def zoo_teacher(tmp_path_factory):
+    """A one-epoch mnist_resnet8 in a private zoo cache (the real zoo code path)."""
+    import os
+
+    from dfqkit.zoo import train_teacher
+
+    cache = tmp_path_factory.mktemp("zoo")
+    old = os.environ.get("DFQKIT_CACHE")
+    os.environ["DFQKIT_CACHE"] = str(cache)
+    train_teacher("mnist_resnet8", epochs=1)
+    yield cache
+    if old is None:
+        os.environ.pop("DFQKIT_CACHE", None)
+    else:
+        os.environ["DFQKIT_CACHE"] = old
+
+
+@pytest.fixture()
+def teacher_env(zoo_teacher, monkeypatch):
+    monkeypatch.setenv("DFQKIT_CACHE", str(zoo_teacher))
+
+
+@pytest.mark.slow
+def test_run_writes_the_run_directory_and_metrics(teacher_env, tmp_path):
+    out = tmp_path / "run"
+    metrics = run([RECIPE], TINY, output_dir=out)
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("recipe", "seed", "w_bits", "a_bits", "resumed_from_epoch", "ms_per_iter",
+                "time_s"):
+        assert key in saved
+    assert saved["recipe"] == RECIPE and saved["w_bits"] == 4 and saved["a_bits"] == 4
+    assert saved["resumed_from_epoch"] is None
+    assert saved["teacher"]["test_top1"] > 50  # one epoch of zoo training is enough for this
+    for key in ("naive", "last", "last5"):
+        assert 0 <= saved[key]["test_top1"] <= 100
+    assert saved["best"]["epoch"] in (1, 2) and 0 <= saved["best"]["val_top1"] <= 100
+    assert [h["epoch"] for h in saved["history"]] == [1, 2]
+    best = max(saved["history"], key=lambda h: h["val_top1"])
+    assert saved["best"]["test_top1"] == best["test_top1"]
+    assert saved["iterations"] == 4 and saved["ms_per_iter"] > 0
+    assert metrics["output_dir"] == str(out)
+    assert (out / "config.gin").read_text().count("include 'gin/base.gin'") == 1
+    assert "train.epochs" in (out / "operative_config.gin").read_text()
+    assert (out / "samples" / "epoch_0002.png").is_file()
+    assert ckpt.latest_checkpoint(out).name == "epoch-0002"
+
+
+@pytest.mark.slow
+def test_resume_continues_and_matches_an_uninterrupted_run(teacher_env, tmp_path):
+    full = run([RECIPE], [*TINY, "EPOCHS = 3"], output_dir=tmp_path / "full")
+    run([RECIPE], TINY, output_dir=tmp_path / "cut")  # "killed" after epoch 2
+    (tmp_path / "cut" / "metrics.json").unlink()
+    # a half-written checkpoint from the kill is never loaded
+    (tmp_path / "cut" / "checkpoints" / ".tmp-epoch-0003").mkdir()
+    resumed = run([RECIPE], [*TINY, "EPOCHS = 3"], output_dir=tmp_path / "cut", resume=True)
+    assert resumed["resumed_from_epoch"] == 2
+    assert resumed["history"] == full["history"]  # bit-identical on CPU
+    assert resumed["iterations"] == full["iterations"] == 6
+
+
+@pytest.mark.slow
+def test_existing_run_is_not_overwritten_without_resume(teacher_env, tmp_path):
+    run([RECIPE], [*TINY, "EPOCHS = 1"], output_dir=tmp_path / "r")
+    with pytest.raises(ConfigError, match="--resume"):
+        run([RECIPE], [*TINY, "EPOCHS = 1"], output_dir=tmp_path / "r")
+
+
+@pytest.mark.slow
+def test_realdata_reference_and_bf16_autocast_run(teacher_env, tmp_path):
+    m = run(["recipes/mnist/realdata_w4a4.gin"], [*TINY, "EPOCHS = 1", "train.warmup_epochs = 0"],
+            output_dir=tmp_path / "real")
+    assert m["iterations"] == 2
+    import gin
+
+    gin.clear_config()
+    m = run([RECIPE], [*TINY, "EPOCHS = 1", "train.warmup_epochs = 0",
+                       "train.mixed_precision = 'bf16'"], output_dir=tmp_path / "bf16")
+    assert 0 <= m["last"]["test_top1"] <= 100
+
+
+def test_cli_errors_are_one_line_without_traceback(capsys, tmp_path):
+    code = main(["--gin", RECIPE, "--gin_param", "W_BITS = 1", "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "w_bits must be in 2..16, got 1" in err
+    (tmp_path / "file").write_text("x")
+    code = main(["--gin", RECIPE, "--output_dir", str(tmp_path / "file")])
+    assert code == 2 and "is not a directory" in capsys.readouterr().err
+
+
+def test_checkpoint_selection_ignores_incomplete(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name, complete in (("epoch-0001", True), ("epoch-0002", False), (".tmp-epoch-0003", True)):
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / ckpt.COMPLETE).write_text("x")
+    assert ckpt.latest_checkpoint(tmp_path).name == "epoch-0001"
+    assert ckpt.latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_train_state_round_trip():
+    s = ckpt.TrainState()
+    s.epochs_done, s.history, s.best = 3, [{"epoch": 1}], {"epoch": 1}
+    t = ckpt.TrainState()
+    t.load_state_dict(s.state_dict())
+    assert vars(t) == vars(s)
+    torch.save(s.state_dict(), "/dev/null")  # plain values only: safe for weights_only loads
