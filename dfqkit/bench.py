@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             params=args.gin_param,
         )
     except cfg.ConfigError as err:
-        print(f"dfqkit.bench: error: {err}", file=sys.stderr)
+        print(f"dfqkit.bench: error: {cfg.one_line(err)}", file=sys.stderr)
         return 2
     print(
         f"{res['recipe']}: batch {res['batch_size']}, {res['threads']} thread(s), {res['device']}: "

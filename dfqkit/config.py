@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,7 +49,9 @@ def _register_configurables() -> None:
     from dfqkit import registry
 
     registry.load_all()
-    import gin.torch.external_configurables  # noqa: F401  (torch.optim.* for optimizer bindings)
+    with warnings.catch_warnings():  # gin.torch touches deprecated torch names on import
+        warnings.simplefilter("ignore")
+        import gin.torch.external_configurables  # noqa: F401  (torch.optim.* bindings)
 
     import dfqkit.data  # noqa: F401  (gin-registers the datasets)
     import dfqkit.train  # noqa: F401  (gin-registers the root `train`)
@@ -63,6 +66,18 @@ def _short(err: Exception) -> str:
     )
     head = lines[0] if lines else type(err).__name__
     return f"{head} ({where})" if where and where != head else head
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line; gin's "In call to configurable 'X'" note becomes "(in X)"."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    where = [ln for ln in lines[1:] if ln.startswith("In call to configurable")]
+    if where:
+        name = where[0].split("'")[1] if "'" in where[0] else where[0]
+        return f"{lines[0]} (in {name})"
+    return lines[0]
 
 
 def required_macros() -> list[str]:

@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (cfg.ConfigError, FileNotFoundError, ValueError, FileExistsError) as err:
         if args.debug:
             raise
-        print(f"dfqkit.train: error: {err}", file=sys.stderr)
+        print(f"dfqkit.train: error: {cfg.one_line(err)}", file=sys.stderr)
         return 2
     m = metrics
     if not math.isnan(m["best"]["test_top1"]):

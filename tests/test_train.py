@@ -102,11 +102,11 @@ def test_realdata_reference_and_bf16_autocast_run(teacher_env, tmp_path):
     assert 0 <= m["last"]["test_top1"] <= 100
 
 
-def test_cli_errors_are_one_line_without_traceback(capsys, tmp_path):
+def test_cli_errors_are_one_line_without_traceback(teacher_env, capsys, tmp_path):
     code = main(["--gin", RECIPE, "--gin_param", "W_BITS = 1", "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert "w_bits must be in 2..16, got 1" in err
+    assert "w_bits must be in 2..16, got 1 (in QuantConfig)" in err
     (tmp_path / "file").write_text("x")
     code = main(["--gin", RECIPE, "--output_dir", str(tmp_path / "file")])
     assert code == 2 and "is not a directory" in capsys.readouterr().err
