@@ -49,8 +49,15 @@ def test_run_writes_the_run_directory_and_metrics(teacher_env, tmp_path):
     out = tmp_path / "run"
     metrics = run([RECIPE], TINY, output_dir=out)
     saved = json.loads((out / "metrics.json").read_text())
-    for key in ("recipe", "seed", "w_bits", "a_bits", "resumed_from_epoch", "ms_per_iter",
-                "time_s"):
+    for key in (
+        "recipe",
+        "seed",
+        "w_bits",
+        "a_bits",
+        "resumed_from_epoch",
+        "ms_per_iter",
+        "time_s",
+    ):
         assert key in saved
     assert saved["recipe"] == RECIPE and saved["w_bits"] == 4 and saved["a_bits"] == 4
     assert saved["resumed_from_epoch"] is None
@@ -91,14 +98,20 @@ def test_existing_run_is_not_overwritten_without_resume(teacher_env, tmp_path):
 
 @pytest.mark.slow
 def test_realdata_reference_and_bf16_autocast_run(teacher_env, tmp_path):
-    m = run(["recipes/mnist/realdata_w4a4.gin"], [*TINY, "EPOCHS = 1", "train.warmup_epochs = 0"],
-            output_dir=tmp_path / "real")
+    m = run(
+        ["recipes/mnist/realdata_w4a4.gin"],
+        [*TINY, "EPOCHS = 1", "train.warmup_epochs = 0"],
+        output_dir=tmp_path / "real",
+    )
     assert m["iterations"] == 2
     import gin
 
     gin.clear_config()
-    m = run([RECIPE], [*TINY, "EPOCHS = 1", "train.warmup_epochs = 0",
-                       "train.mixed_precision = 'bf16'"], output_dir=tmp_path / "bf16")
+    m = run(
+        [RECIPE],
+        [*TINY, "EPOCHS = 1", "train.warmup_epochs = 0", "train.mixed_precision = 'bf16'"],
+        output_dir=tmp_path / "bf16",
+    )
     assert 0 <= m["last"]["test_top1"] <= 100
 
 

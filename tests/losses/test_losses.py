@@ -94,3 +94,14 @@ def test_bn_stats_zero_when_statistics_match():
 def test_loss_side_validation():
     with pytest.raises(ValueError, match="side must be one of"):
         SoftTargetCE(side="teacher")
+
+
+def test_channel_mean_var_matches_var_mean_with_gradients():
+    from dfqkit.losses.bn_stats import channel_mean_var
+
+    x = torch.randn(3, 4, 5, 2, dtype=torch.float64, requires_grad=True)
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    m2, v2 = channel_mean_var(x)
+    torch.testing.assert_close(m2, mean)
+    torch.testing.assert_close(v2, var)
+    assert torch.autograd.gradcheck(channel_mean_var, (x,))

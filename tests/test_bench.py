@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from dfqkit import bench
+
+
+def _fake_run(out, recipe_stem, seed, best, naive=20.0):
+    d = out / "runs" / f"mnist_{recipe_stem}" / f"seed{seed}"
+    d.mkdir(parents=True)
+    metrics = {
+        "recipe": f"recipes/mnist/{recipe_stem}.gin",
+        "seed": seed,
+        "w_bits": 2,
+        "a_bits": 4,
+        "teacher": {"test_top1": 98.0},
+        "naive": {"test_top1": naive},
+        "best": {"epoch": 3, "val_top1": best, "test_top1": best},
+        "last": {"test_top1": best - 1},
+        "last5": {"test_top1": best - 2},
+        "ms_per_iter": 10.0,
+    }
+    (d / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_accuracy_aggregates_existing_runs_into_table_json_and_plot(tmp_path):
+    for seed, best in ((0, 80.0), (1, 84.0)):
+        _fake_run(tmp_path, "gdfq_w2a4", seed, best)
+    rows = bench.accuracy(["recipes/mnist/gdfq_w2a4.gin"], [0, 1], tmp_path)
+    row = rows[0]
+    assert row["best"]["mean"] == pytest.approx(82.0)
+    assert row["best"]["std"] == pytest.approx(2.8284271, rel=1e-6)  # sample std of 80, 84
+    assert row["last5"]["mean"] == pytest.approx(80.0)
+    table = (tmp_path / "results.md").read_text()
+    assert "| recipes/mnist/gdfq_w2a4.gin | W2A4 | 98.00 | 20.00 ± 0.00 | 82.00 ± 2.83 |" in table
+    assert json.loads((tmp_path / "results.json").read_text())[0]["seeds"] == [0, 1]
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_speed_reports_step_times_on_random_weights(tmp_path):
+    out = tmp_path / "speed.json"
+    code = bench.main(
+        [
+            "speed",
+            "--gin",
+            "recipes/mnist/gdfq_w4a4.gin",
+            "--batch",
+            "4",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+            "--gin_param",
+            "generators.ConditionalGenerator.width = 8",
+        ]
+    )
+    assert code == 0
+    res = json.loads(out.read_text())
+    for key in ("ms_per_iter", "img_per_s", "peak_rss_mb", "ms_generator_step", "ms_student_step"):
+        assert res[key] > 0
+    assert res["batch_size"] == 4
+    assert res["ms_per_iter"] == pytest.approx(
+        res["ms_generator_step"] + res["ms_student_step"], rel=0.05
+    )
+    assert res["img_per_s"] == pytest.approx(1000 * 4 / res["ms_per_iter"])
