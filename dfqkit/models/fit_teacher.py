@@ -37,8 +37,8 @@ class TrainRecipe:
         max_scale: random zoom of each image by a factor in 1 ± this.
     """
 
-    epochs: int = 20
-    batch_size: int = 128
+    epochs: int = 30
+    batch_size: int = 64
     optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9

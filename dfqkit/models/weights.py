@@ -46,7 +46,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 f"weights_only=True ({type(err).__name__}: {err}); re-save it with "
                 "torch.save(model.state_dict(), path) or as .safetensors"
             ) from err
-    while isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+    # A state dict maps names to tensors, so a nesting key holding a mapping is a wrapper
+    # (``{"epoch": 3, "model": {...}, "best_acc1": tensor}``).
+    while isinstance(obj, Mapping):
         nested = next((obj[k] for k in NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
         if nested is None:
             break
