@@ -66,6 +66,8 @@ class Engine:
         self.gen_opt, self.student_opt = generator_optimizer, student_optimizer
         self.batch_size = batch_size
         teacher_needs = set().union(*(loss.needs for loss in losses))
+        # teacher taps that the student step reads: only those are kept past the generator step
+        self.student_reads = set().union(*(loss.needs for loss in self.student_losses))
         student_needs = set().union(*(loss.needs_student_taps for loss in losses))
         self.teacher_taps = Taps(teacher, teacher_needs, model_name="the teacher")
         self.student_taps = Taps(student, student_needs, model_name="the student")
@@ -126,11 +128,14 @@ class Engine:
             self.gen_opt.zero_grad(set_to_none=True)
             acc.backward(gen_loss)
             self.gen_opt.step()
+            del gen_loss, step  # the generator graph and its taps are freed here
+        teacher_taps = {
+            k: _detach_taps(v) for k, v in teacher_taps.items() if k in self.student_reads
+        }
         self._mark(marks)
         batch = batch.detached()
         self.last_batch = batch
         if phase.student:
-            teacher_taps = {k: _detach_taps(v) for k, v in teacher_taps.items()}
             with acc.autocast(), self.student_taps:
                 student_logits = self.student(batch.images)
                 step = Step(
