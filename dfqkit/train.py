@@ -124,6 +124,13 @@ def train(
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise cfg.ConfigError(f"train.{name} must be an integer >= {low}, got {value!r}")
+    if early_stopping_patience is not None and (
+        not isinstance(early_stopping_patience, int) or early_stopping_patience < 1
+    ):
+        raise cfg.ConfigError(
+            "train.early_stopping_patience must be None or an integer >= 1, "
+            f"got {early_stopping_patience!r}"
+        )
     if mixed_precision not in MIXED_PRECISION:
         raise cfg.ConfigError(
             f"train.mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}"

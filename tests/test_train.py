@@ -142,3 +142,17 @@ def test_train_state_round_trip():
     t.load_state_dict(s.state_dict())
     assert vars(t) == vars(s)
     torch.save(s.state_dict(), "/dev/null")  # plain values only: safe for weights_only loads
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(teacher_env, tmp_path):
+    # a student that cannot change (lr 0) has the same val accuracy every epoch after calibration
+    params = [
+        *TINY,
+        "EPOCHS = 5",
+        "student/torch.optim.SGD.lr = 0.0",
+        "train.early_stopping_patience = 2",
+    ]
+    m = run([RECIPE], params, output_dir=tmp_path / "es")
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
+    assert m["epochs_done"] == 3 and m["best"]["epoch"] == 1
