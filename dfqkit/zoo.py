@@ -13,6 +13,7 @@ A trained teacher is ``<cache>/NAME.safetensors`` plus ``NAME.json`` (its metric
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import json
 import logging
@@ -20,7 +21,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ZooEntry:
     """A teacher the zoo can train.
 
@@ -159,7 +159,7 @@ def train_teacher(
         return json.loads(json_path.read_text()) if json_path.is_file() else {}
     recipe = entry.recipe
     if epochs is not None:
-        recipe = TrainRecipe(**{**recipe.__dict__, "epochs": epochs})
+        recipe = dataclasses.replace(recipe, epochs=epochs)
     data = entry.data()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -9,7 +9,17 @@ from dfqkit.models import mnist_resnet
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def one_thread():
+    """Train on one thread: two busy-waiting intra-op threads on a shared 2-core machine can
+    run 10x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, one_thread):
     """A zoo cache holding mnist_resnet8 trained for one epoch (a few seconds)."""
     root = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +123,7 @@ def _optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
 
 def fit_teacher(
     model: nn.Module, data: EvalData, *, recipe: TrainRecipe, seed: int
-) -> tuple[dict[str, torch.Tensor], dict]:
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train ``model`` on ``data.train``; keep the epoch with the lowest val cross-entropy.
 
     Deterministic: shuffling and augmentation draw from a local generator seeded with ``seed``
