@@ -1,0 +1,116 @@
+"""Registered means tested: every component of every kind honours its kind's contract.
+
+A new registration without an entry in the example tables below fails here on purpose.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfqkit.generators import Generator, synthesize
+from dfqkit.losses.base import SIDES, Loss
+from dfqkit.mixers import STAGES, Mixer, NoMixer
+from dfqkit.quant import ActQuantizer
+from dfqkit.registry import list_components
+from dfqkit.step import Step, SynthBatch
+
+
+def _names(kind):
+    return [e.name for e in list_components(kind)]
+
+
+MODEL_EXAMPLES = {  # name -> (kwargs, input shape, classes)
+    "mnist_resnet": ({"weights": None}, (2, 1, 28, 28), 10),
+    "cifar_resnet20": ({"num_classes": 100, "weights": None}, (2, 3, 32, 32), 100),
+    "torchvision_model": ({"name": "resnet18", "num_classes": 7}, (1, 3, 32, 32), 7),
+    "timm_model": ({"name": "resnet10t", "num_classes": 5}, (1, 3, 32, 32), 5),
+}
+
+
+@pytest.mark.parametrize("name", _names("models"))
+def test_model_factories_build_classifiers(name):
+    from dfqkit.registry import get
+
+    assert name in MODEL_EXAMPLES, f"add an example for the new model {name!r}"
+    kwargs, shape, classes = MODEL_EXAMPLES[name]
+    model = get("models", name)(**kwargs)
+    with torch.no_grad():
+        assert model.eval()(torch.randn(shape)).shape == (shape[0], classes)
+
+
+def _generator(name):
+    from dfqkit.data import digits
+    from dfqkit.registry import get
+
+    if name == "RealDataReference":
+        return get("generators", name)(data=digits())
+    return get("generators", name)(num_classes=10, image_size=8, channels=1)
+
+
+@pytest.mark.parametrize("name", _names("generators"))
+def test_generators_produce_normalized_batches_with_valid_targets(name):
+    gen = _generator(name)
+    assert isinstance(gen, Generator) and gen.num_classes == 10
+    batch = synthesize(gen, NoMixer(), 5, torch.device("cpu"))
+    assert batch.images.shape == (5, 1, 8, 8) and batch.labels.shape == (5,)
+    torch.testing.assert_close(batch.targets.sum(-1), torch.ones(5))
+    torch.testing.assert_close(batch.targets, F.one_hot(batch.labels, 10).float())
+    if gen.trainable:
+        batch.images.sum().backward()
+        assert any(p.grad is not None for p in gen.parameters())
+
+
+@pytest.mark.parametrize("name", _names("mixers"))
+def test_mixers_declare_a_stage_and_keep_targets_normalized(name):
+    from dfqkit.registry import get
+
+    mixer = get("mixers", name)()
+    assert isinstance(mixer, Mixer) and mixer.stage in STAGES
+    gen = _generator("ConditionalGenerator")
+    batch = synthesize(gen, mixer, 6, torch.device("cpu"))
+    assert batch.images.shape == (6, 1, 8, 8)
+    if batch.targets is not None:
+        torch.testing.assert_close(batch.targets.sum(-1), torch.ones(6))
+
+
+def _step():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3).eval()
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 1])
+    batch = SynthBatch(labels=labels, targets=F.one_hot(labels, 3).float(), images=x)
+    teacher = torch.randn(4, 3, requires_grad=True)
+    student = torch.randn(4, 3, requires_grad=True)
+    taps = {"bn_inputs": [(x * 2, bn)], "activations": [x.relu()]}
+    return Step(batch, teacher, student, teacher_taps=taps, student_taps=dict(taps))
+
+
+@pytest.mark.parametrize("name", _names("losses"))
+def test_losses_are_weighted_differentiable_scalars_on_their_side(name):
+    from dfqkit.registry import get
+
+    cls = get("losses", name)
+    loss = cls()
+    assert isinstance(loss, Loss) and loss.side in SIDES
+    step = _step()
+    value = loss(step)
+    assert value.shape == () and torch.isfinite(value)
+    trained = step.teacher_logits if loss.side == "generator" else step.student_logits
+    inputs = [trained, step.batch.images]
+    grads = torch.autograd.grad(value, inputs, allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads), "no gradient reaches the side"
+    torch.testing.assert_close(cls(weight=3.0)(_step()), 3 * value.detach())
+
+
+@pytest.mark.parametrize("name", _names("quantizers"))
+def test_quantizers_at_16_bits_are_near_identity_and_hold_state_in_buffers(name):
+    from dfqkit.registry import get
+
+    q = get("quantizers", name)(bits=16)
+    x = torch.randn(4, 3, 5, 5)
+    y = q(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    assert (y - x).abs().max() < (x.max() - x.min()) / 2**15
+    if isinstance(q, ActQuantizer):
+        assert {"lo", "hi", "num_updates"} <= set(q.state_dict())
