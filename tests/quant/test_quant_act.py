@@ -1,10 +1,8 @@
-import os
-import tempfile
+import subprocess
+import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dfqkit.quant import EMAActQuantizer, MinMaxActQuantizer, fake_quant
 
@@ -118,23 +116,46 @@ def test_sync_without_process_group_is_a_noop():
     assert _range(q) == (-1.0, 3.0)
 
 
-def _sync_worker(rank: int, world_size: int, init_file: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
+_SYNC_WORKER = """
+import sys
+import torch
+import torch.distributed as dist
+from dfqkit.quant import EMAActQuantizer, MinMaxActQuantizer
+
+rank, init_file = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+try:
+    minmax, ema = MinMaxActQuantizer(bits=4), EMAActQuantizer(bits=4)
+    batch = torch.tensor([-1.0 - rank, 1.0 + 3 * rank])  # rank 0: [-1, 1], rank 1: [-2, 4]
+    minmax(batch)
+    ema(batch)
+    minmax.sync_()
+    ema.sync_()
+    got = (minmax.lo.item(), minmax.hi.item(), ema.lo.item(), ema.hi.item())
+    assert got == (-2.0, 4.0, -1.5, 2.5), got
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_sync_all_reduces_across_two_processes(tmp_path):
+    # Two real processes (not mp.spawn: spawned children re-import this test module, which
+    # pytest's import path makes fragile); each must exit 0 within the timeout.
+    script = tmp_path / "worker.py"
+    script.write_text(_SYNC_WORKER)
+    init = tmp_path / "init"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), str(init)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
     try:
-        minmax, ema = MinMaxActQuantizer(bits=4), EMAActQuantizer(bits=4)
-        batch = _batch(-1.0 - rank, 1.0 + 3 * rank)  # rank 0: [-1, 1], rank 1: [-2, 4]
-        minmax(batch)
-        ema(batch)
-        minmax.sync_()
-        ema.sync_()
-        assert _range(minmax) == (-2.0, 4.0), _range(minmax)
-        assert _range(ema) == (-1.5, 2.5), _range(ema)
+        outs = [p.communicate(timeout=180)[0] for p in procs]
     finally:
-        dist.destroy_process_group()
-
-
-def test_sync_all_reduces_across_two_processes():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_sync_worker, args=(2, os.path.join(tmp, "init")), nprocs=2, join=True)
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs
