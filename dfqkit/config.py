@@ -115,6 +115,7 @@ def parse(
     if not gin_files:
         raise ConfigError("no gin file given: pass --gin RECIPE.gin (see recipes/)")
     _register_configurables()
+    gin.clear_config()  # each parse starts from an empty, unlocked config (one run per parse)
     files = [resolve_gin_file(f) for f in gin_files]
     for root in reversed(search_paths()):
         gin.add_config_file_search_path(str(root))

@@ -77,7 +77,7 @@ def train(
     lr_gamma: float = 0.1,
     eval_every: int = 1,
     early_stopping_patience: int | None = None,
-    naive_batches: int = 4,
+    naive_batches: int = 200,
     mixed_precision: str = "no",
     seed: int = 0,
     checkpoint_keep: int = 2,
@@ -102,7 +102,8 @@ def train(
         lr_milestones, lr_gamma: multi-step schedule (per epoch) applied to both optimizers.
         eval_every: evaluate the student every this many epochs (and after the last).
         early_stopping_patience: stop after this many evaluations without a better val top-1.
-        naive_batches: Gaussian-noise batches that calibrate the naive (untrained) reference.
+        naive_batches: Gaussian-noise batches that calibrate the naive (untrained) reference;
+            200 lets GDFQ's bias-corrected EMA settle (it inflates ranges for ~150 updates).
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (fake quantization stays fp32).
         seed: sampling seed (each process draws different latents from it).
         checkpoint_keep: complete checkpoints kept.
