@@ -35,11 +35,17 @@ class _Generator(nn.Module):
         self.emb = nn.Embedding(num_classes, latent)
         self.l1 = nn.Linear(latent, 128 * self.init**2)
         self.b0 = nn.BatchNorm2d(128)
-        self.b1 = nn.Sequential(nn.Conv2d(128, 128, 3, 1, 1), nn.BatchNorm2d(128, 0.8),
-                                nn.LeakyReLU(0.2, inplace=True))
-        self.b2 = nn.Sequential(nn.Conv2d(128, 64, 3, 1, 1), nn.BatchNorm2d(64, 0.8),
-                                nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(64, channels, 3, 1, 1),
-                                nn.Tanh(), nn.BatchNorm2d(channels, affine=False))
+        self.b1 = nn.Sequential(
+            nn.Conv2d(128, 128, 3, 1, 1), nn.BatchNorm2d(128, 0.8), nn.LeakyReLU(0.2, inplace=True)
+        )
+        self.b2 = nn.Sequential(
+            nn.Conv2d(128, 64, 3, 1, 1),
+            nn.BatchNorm2d(64, 0.8),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(64, channels, 3, 1, 1),
+            nn.Tanh(),
+            nn.BatchNorm2d(channels, affine=False),
+        )
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = self.l1(self.emb(labels) * z).view(z.shape[0], 128, self.init, self.init)
@@ -99,9 +105,16 @@ class _QuantAct(nn.Module):
 def _quantize_like_gdfq(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module:
     for name, child in list(model.named_children()):
         if isinstance(child, nn.Conv2d):
-            q = _QuantConv(child.in_channels, child.out_channels, child.kernel_size,
-                           child.stride, child.padding, child.dilation, child.groups,
-                           child.bias is not None)
+            q = _QuantConv(
+                child.in_channels,
+                child.out_channels,
+                child.kernel_size,
+                child.stride,
+                child.padding,
+                child.dilation,
+                child.groups,
+                child.bias is not None,
+            )
             q.load_state_dict(child.state_dict())
             q.bits = w_bits
             setattr(model, name, q)
@@ -134,8 +147,9 @@ def reference_iteration_ms(
     student = _quantize_like_gdfq(copy.deepcopy(teacher), w_bits, a_bits).eval()
     gen = _Generator(num_classes, image_size, channels).train()
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.999))
-    opt_s = torch.optim.SGD(student.parameters(), lr=1e-4, momentum=0.9, nesterov=True,
-                            weight_decay=1e-4)
+    opt_s = torch.optim.SGD(
+        student.parameters(), lr=1e-4, momentum=0.9, nesterov=True, weight_decay=1e-4
+    )
     stats: list[tuple[torch.Tensor, torch.Tensor, nn.Module]] = []
 
     def hook(module, inputs, output):
@@ -153,15 +167,17 @@ def reference_iteration_ms(
         images = gen(z, labels)
         stats.clear()
         t_out = teacher(images)
-        bns = sum(F.mse_loss(mu, m.running_mean) + F.mse_loss(v, m.running_var)
-                  for mu, v, m in stats) / len(stats)
+        bns = sum(
+            F.mse_loss(mu, m.running_mean) + F.mse_loss(v, m.running_var) for mu, v, m in stats
+        ) / len(stats)
         loss_g = F.cross_entropy(t_out, labels) + 0.1 * bns
         opt_g.zero_grad()
         loss_g.backward()
         opt_g.step()
         s_out = student(images.detach())
-        kd = F.kl_div(F.log_softmax(s_out / 20, 1), F.softmax(t_out.detach() / 20, 1),
-                      reduction="mean")
+        kd = F.kl_div(
+            F.log_softmax(s_out / 20, 1), F.softmax(t_out.detach() / 20, 1), reduction="mean"
+        )
         loss_s = kd * 400 + F.cross_entropy(s_out, labels)
         opt_s.zero_grad()
         loss_s.backward()
