@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +20,7 @@ def check_mode(mode: object) -> None:
         raise ValueError(f"mode must be one of {', '.join(map(repr, ACT_MODES))}, got {mode!r}")
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(nn.Module, abc.ABC):
     """Per-tensor asymmetric activation fake quantizer with an observed range.
 
     State lives in buffers, so a ``state_dict`` holds everything: ``lo`` and ``hi`` (fp32
@@ -61,6 +62,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self._updates = 0  # Python mirror of num_updates: read in the hot path without a sync
 
+    @abc.abstractmethod
     def _update(self, batch_lo: Tensor, batch_hi: Tensor) -> None:
         """Fold one batch's range into ``lo``/``hi`` in place.
 
@@ -70,7 +72,6 @@ class ActQuantizer(nn.Module):
 
         ``self._updates`` is the number of batches observed before this one.
         """
-        raise NotImplementedError
 
     def _quantize(self, x: Tensor) -> Tensor:
         return fake_quant(x, self.lo, self.hi, self.bits, self.ste)
