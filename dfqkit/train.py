@@ -24,6 +24,7 @@ import gin
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -141,6 +142,8 @@ def train(
     # Each process observes its own batches; ranges are merged by sync_quantizers, not by DDP's
     # per-forward buffer broadcast from rank 0.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    # a process may run several trainings (bench, tests, notebooks): each sets its own precision
+    AcceleratorState._reset_state()
     acc = Accelerator(mixed_precision=mixed_precision, project_dir=str(out), kwargs_handlers=[ddp])
     device = acc.device
 
