@@ -20,9 +20,9 @@ class RealDataReference(Generator):
 
     Args:
         data: an :class:`~dfqkit.data.EvalData` whose ``train`` split is used.
-        seed: seed of the sampling order (independent of the global RNG, so it is reproducible
-            and identical across resumes only through its state in checkpoints: the sampler
-            draws with its own generator, stored in ``state_dict``).
+        seed: seed of the sampling order. The sampler draws indices on the CPU with its own
+            generator (no host sync per batch), whose state travels in ``state_dict`` (extra
+            state), so a resumed run continues the same sequence.
     """
 
     trainable = False
@@ -36,12 +36,17 @@ class RealDataReference(Generator):
         images, labels = zip(*(data.train[i] for i in range(len(data.train))), strict=True)
         self.register_buffer("images", torch.stack(images), persistent=False)
         self.register_buffer("labels", torch.as_tensor(labels), persistent=False)
-        self.register_buffer("rng_state", torch.Generator().manual_seed(seed).get_state())
+        self._rng = torch.Generator().manual_seed(seed)
+
+    def get_extra_state(self) -> dict:
+        return {"rng_state": self._rng.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._rng.set_state(state["rng_state"])
 
     def sample(self, batch_size: int, device: torch.device) -> SynthBatch:
-        rng = torch.Generator().set_state(self.rng_state.cpu())
-        idx = torch.randint(0, len(self.labels), (batch_size,), generator=rng)
-        self.rng_state.copy_(rng.get_state())
+        idx = torch.randint(0, len(self.labels), (batch_size,), generator=self._rng)
+        idx = idx.to(self.labels.device, non_blocking=True)
         labels = self.labels[idx].to(device)
         return SynthBatch(
             labels=labels,

@@ -69,3 +69,18 @@ def test_upsample_conv_equals_upsample_then_conv(bias):
     g2 = torch.autograd.grad(y2, [x, plain[1].weight], g)
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_real_data_reference_sampling_resumes_from_state_dict():
+    from dfqkit.data import digits
+    from dfqkit.generators import RealDataReference
+
+    data = digits()
+    a = RealDataReference(data=data, seed=3)
+    a.sample(4, torch.device("cpu"))
+    state = a.state_dict()
+    expected = a.sample(4, torch.device("cpu")).labels
+    b = RealDataReference(data=data, seed=99)
+    b.load_state_dict(state)
+    assert torch.equal(b.sample(4, torch.device("cpu")).labels, expected)
+    assert not b.trainable
