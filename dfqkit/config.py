@@ -117,8 +117,10 @@ def parse(
     _register_configurables()
     gin.clear_config()  # each parse starts from an empty, unlocked config (one run per parse)
     files = [resolve_gin_file(f) for f in gin_files]
+    known = set(gin_config._LOCATION_PREFIXES)
     for root in reversed(search_paths()):
-        gin.add_config_file_search_path(str(root))
+        if str(root) not in known:
+            gin.add_config_file_search_path(str(root))
     try:
         gin.parse_config_files_and_bindings(
             [str(f) for f in files], list(gin_params), finalize_config=False
