@@ -57,19 +57,34 @@ class Engine:
         generator_optimizer: torch.optim.Optimizer | None,
         student_optimizer: torch.optim.Optimizer,
         batch_size: int,
+        example: torch.Tensor | None = None,
     ) -> None:
         self.acc = accelerator
+        # a loss of weight 0 is switched off: not computed, and its taps are not installed
+        losses = [loss for loss in losses if loss.weight != 0.0]
         self.teacher, self.student = teacher, student
         self.generator, self.mixer = generator, mixer
         self.gen_losses = [loss for loss in losses if loss.side == "generator"]
         self.student_losses = [loss for loss in losses if loss.side == "student"]
         self.gen_opt, self.student_opt = generator_optimizer, student_optimizer
         self.batch_size = batch_size
-        teacher_needs = set().union(*(loss.needs for loss in losses))
+        mixer_module = getattr(mixer, "module", mixer)
+        self.mixer_module = mixer_module
+        readers = [*losses, mixer_module]
+        teacher_needs = set().union(*(r.needs for r in readers))
         # teacher taps that the student step reads: only those are kept past the generator step
         self.student_reads = set().union(*(loss.needs for loss in self.student_losses))
         student_needs = set().union(*(loss.needs_student_taps for loss in losses))
-        self.teacher_taps = Taps(teacher, teacher_needs, model_name="the teacher")
+        stage_parts = {
+            r.stage_parts for r in readers if "stages" in r.needs and r.stage_parts is not None
+        }
+        self.teacher_taps = Taps(
+            teacher,
+            teacher_needs,
+            model_name="the teacher",
+            stage_parts=stage_parts,
+            example=example,
+        )
         self.student_taps = Taps(student, student_needs, model_name="the student")
         self.loss_sums: dict[str, torch.Tensor] = {}
         self.last_batch: SynthBatch | None = None
@@ -124,6 +139,10 @@ class Engine:
                 if train_gen:
                     step = Step(batch, teacher_logits, teacher_taps=teacher_taps, epoch=epoch)
                     gen_loss = self._total(self.gen_losses, step, "gen")
+                    aux = self.mixer_module.aux_loss(step)
+                    if aux is not None:
+                        self._accumulate(f"loss/gen/{type(self.mixer_module).__name__}", aux)
+                        gen_loss = gen_loss + aux
         if train_gen:
             self.gen_opt.zero_grad(set_to_none=True)
             acc.backward(gen_loss)

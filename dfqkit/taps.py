@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfqkit.models.split import cut_indices, find_blocks, is_channels_last, pool_features
+
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish)
 
 
@@ -25,21 +27,54 @@ def bn_layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+def activation_sites(model: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs the ``activations`` tap records: the activation quantizers of
+    a quantized model, otherwise its activation modules."""
+    from dfqkit.quant.act_base import ActQuantizer  # local: quant imports nothing from here
+
+    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    if quantizers:
+        return quantizers
+    return [m for m in model.modules() if isinstance(m, ACTIVATION_TYPES)]
+
+
 class Taps:
     """Hooks on ``model`` recording the tensors named in ``needs``.
 
     Supported taps:
         ``bn_inputs``: ``(input, bn_module)`` pairs for every BatchNorm layer with running stats.
-        ``activations``: outputs of every activation module (ReLU, ReLU6, GELU, SiLU, Hardswish).
+        ``activations``: outputs of every activation module (ReLU, ReLU6, GELU, SiLU,
+            Hardswish), in call order. In a quantized model (one holding activation
+            quantizers) the outputs of the activation quantizers instead, so a loss compares
+            the student's *quantized* activations (with ``after_relu`` placement they pair
+            one-to-one, in order, with the teacher's ReLU outputs).
+        ``stages``: pooled features ``(b, C_j)`` at the ends of ``J`` even parts of the model
+            (:mod:`dfqkit.models.split`), as a dict ``{J: [J tensors]}`` for every ``J`` in
+            ``stage_parts``; only the cut blocks are hooked.
+
+    Args:
+        model: the model to tap.
+        needs: tap names some loss (or mixer) declared.
+        model_name: how error messages name the model.
+        stage_parts: the part counts ``J`` requested for ``stages``.
+        example: an example input (orders the blocks by execution for ``stages``).
 
     Raises:
         ValueError: ``bn_inputs`` requested on a model without BatchNorm (e.g. a ViT), or an
             unknown tap name.
     """
 
-    SUPPORTED = ("bn_inputs", "activations")
+    SUPPORTED = ("bn_inputs", "activations", "stages")
 
-    def __init__(self, model: nn.Module, needs: Iterable[str], *, model_name: str = "model"):
+    def __init__(
+        self,
+        model: nn.Module,
+        needs: Iterable[str],
+        *,
+        model_name: str = "model",
+        stage_parts: Iterable[int] = (),
+        example: torch.Tensor | None = None,
+    ):
         self.needs = frozenset(needs)
         unknown = self.needs - set(self.SUPPORTED)
         if unknown:
@@ -61,9 +96,26 @@ class Taps:
             for bn in bns:
                 self._handles.append(bn.register_forward_pre_hook(self._bn_input))
         if "activations" in self.needs:
-            for m in model.modules():
-                if isinstance(m, ACTIVATION_TYPES):
-                    self._handles.append(m.register_forward_hook(self._activation))
+            for m in activation_sites(model):
+                self._handles.append(m.register_forward_hook(self._activation))
+        self._stage_cuts: dict[int, list[int]] = {}
+        self._channels_last = False
+        if "stages" in self.needs:
+            parts = sorted(set(stage_parts))
+            if not parts:
+                raise ValueError(f"the 'stages' tap on {model_name} needs at least one part count")
+            blocks = find_blocks(model, example)
+            self._channels_last = is_channels_last(blocks)
+            modules = dict(model.named_modules())
+            hooked: set[int] = set()
+            for j in parts:
+                self._stage_cuts[j] = cut_indices(len(blocks), j)
+                hooked.update(self._stage_cuts[j])
+            for index in sorted(hooked):
+                self._handles.append(
+                    modules[blocks[index]].register_forward_hook(self._stage_hook(index))
+                )
+            self._stage_out: dict[int, torch.Tensor] = {}
 
     def _bn_input(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         if self.enabled:
@@ -73,15 +125,29 @@ class Taps:
         if self.enabled:
             self.store["activations"].append(output)
 
-    def collect(self) -> dict[str, list[Any]]:
+    def _stage_hook(self, index: int):
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            if self.enabled:
+                self._stage_out[index] = pool_features(output, channels_last=self._channels_last)
+
+        return hook
+
+    def collect(self) -> dict[str, Any]:
         """Return what was recorded since the last call and start afresh."""
-        out = self.store
+        out: dict[str, Any] = self.store
+        if "stages" in self.needs:
+            out["stages"] = {
+                j: [self._stage_out[i] for i in cuts] for j, cuts in self._stage_cuts.items()
+            }
+            self._stage_out = {}
         self.store = {name: [] for name in self.needs}
         return out
 
     def __enter__(self) -> Taps:
         self.enabled = True
         self.store = {name: [] for name in self.needs}
+        if self._stage_cuts:
+            self._stage_out = {}
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -35,12 +35,19 @@ from dfqkit.engine import Engine, Phase
 from dfqkit.evaluate import evaluate
 from dfqkit.losses.base import Loss
 from dfqkit.mixers import NoMixer
-from dfqkit.quant import QuantConfig, quantize_, set_quant_mode, sync_quantizers
+from dfqkit.quant import (
+    QuantConfig,
+    act_quantizers,
+    quantize_,
+    set_quant_mode,
+    sync_quantizers,
+)
 from dfqkit.runs import check_setup, noise_batch, prepare_output_dir, save_samples, summarize
 
 logger = get_logger(__name__)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+CALIBRATIONS = ("generator", "noise")
 # GDFQ's optimizers (recipes bind their own through gin's torch.optim configurables)
 GENERATOR_OPTIMIZER = functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.999))
 STUDENT_OPTIMIZER = functools.partial(
@@ -72,6 +79,7 @@ def train(
     batch_size: int = 200,
     warmup_epochs: int = 4,
     calib_epochs: int = 4,
+    calibration: str = "generator",
     generator_optimizer: Callable[..., torch.optim.Optimizer] = GENERATOR_OPTIMIZER,
     student_optimizer: Callable[..., torch.optim.Optimizer] = STUDENT_OPTIMIZER,
     lr_milestones: Sequence[int] = (100, 200, 300),
@@ -99,6 +107,11 @@ def train(
         epochs, iters_per_epoch, batch_size: the budget (batch size per process).
         warmup_epochs: epochs in which only the generator trains.
         calib_epochs: epochs in which activation observers update; frozen afterwards.
+        calibration: where the student's activation ranges come from: ``"generator"`` (GDFQ:
+            observed on the synthesized batches during the first ``calib_epochs``) or
+            ``"noise"`` (the naive reference's ranges, observed on ``naive_batches`` Gaussian
+            noise batches before training; ``calib_epochs`` is then unused). An ablation knob:
+            see docs/results.md for why the source of the ranges matters at 3-bit activations.
         generator_optimizer, student_optimizer: optimizer factories taking parameters.
         lr_milestones, lr_gamma: multi-step schedule (per epoch) applied to both optimizers.
         eval_every: evaluate the student every this many epochs (and after the last).
@@ -133,6 +146,10 @@ def train(
             "train.early_stopping_patience must be None or an integer >= 1, "
             f"got {early_stopping_patience!r}"
         )
+    if calibration not in CALIBRATIONS:
+        raise cfg.ConfigError(
+            f"train.calibration must be one of {CALIBRATIONS}, got {calibration!r}"
+        )
     if mixed_precision not in MIXED_PRECISION:
         raise cfg.ConfigError(
             f"train.mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}"
@@ -160,10 +177,13 @@ def train(
         device=device,
     )
     example = noise_batch(data, 2, device)
+    for part in (generator, mixer):  # teacher-dependent parts are built before the optimizers
+        if hasattr(part, "bind"):
+            part.bind(teacher=teacher, generator=generator, example=example)
     student = quantize_(copy.deepcopy(teacher), quant, example).requires_grad_(True).eval()
     gen_params = [p for m in (generator, mixer) for p in m.parameters() if p.requires_grad]
     gen_opt = generator_optimizer(gen_params) if gen_params and generator.trainable else None
-    student_opt = student_optimizer(student.parameters())
+    student_opt = _student_optimizer(student_optimizer, student)
     state = ckpt.TrainState()
     if gen_opt is not None:
         generator, gen_opt = acc.prepare(generator, gen_opt)
@@ -183,6 +203,7 @@ def train(
         generator_optimizer=gen_opt,
         student_optimizer=student_opt,
         batch_size=batch_size,
+        example=example,
     )
     if benchmark is not None:
         return _benchmark(engine, student, *benchmark)
@@ -209,6 +230,11 @@ def train(
             naive, loaders["test"], teacher=teacher, device=device, accelerator=acc
         )
         state.reference = {"teacher": teacher_eval, "naive": naive_eval}
+        if calibration == "noise":  # the student starts from the naive reference's ranges
+            for src, dst in zip(
+                act_quantizers(naive), act_quantizers(acc.unwrap_model(student)), strict=True
+            ):
+                dst.load_state_dict(src.state_dict())
         del naive
         set_seed(seed, device_specific=True)  # each process samples its own latents
     logger.info(
@@ -231,7 +257,11 @@ def train(
         for opt, lrs in zip((o for o in (gen_opt, student_opt) if o), base_lrs, strict=True):
             for group, lr in zip(opt.param_groups, lrs, strict=True):
                 group["lr"] = lr * decay
-        phase = Phase(generator=True, observe=epoch < calib_epochs, student=epoch >= warmup_epochs)
+        phase = Phase(
+            generator=True,
+            observe=calibration == "generator" and epoch < calib_epochs,
+            student=epoch >= warmup_epochs,
+        )
         set_quant_mode(student, "observe" if phase.observe else "frozen")
         generator.train()
         t0 = time.perf_counter()
@@ -269,6 +299,27 @@ def train(
     acc.end_training()
     metrics["output_dir"] = str(out)
     return metrics
+
+
+def _student_optimizer(factory: Callable[..., torch.optim.Optimizer], student: nn.Module):
+    """The student optimizer; modules declaring ``param_group`` (learnable clip bounds) get
+    their own parameter group: learning rate × their ``lr_scale``, their ``weight_decay``."""
+    special: dict[tuple[float, float], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for module in student.modules():
+        if getattr(module, "param_group", None):
+            key = (float(module.lr_scale), float(module.weight_decay))
+            for p in module.parameters(recurse=False):
+                special.setdefault(key, []).append(p)
+                seen.add(id(p))
+    if not special:
+        return factory(student.parameters())
+    groups = [{"params": [p for p in student.parameters() if id(p) not in seen]}]
+    groups += [{"params": ps, "weight_decay": wd} for (_, wd), ps in special.items()]
+    opt = factory(groups)
+    for group, (scale, _) in zip(opt.param_groups[1:], special, strict=True):
+        group["lr"] *= scale
+    return opt
 
 
 def _benchmark(engine: Engine, student: nn.Module, warmup: int, iterations: int) -> dict:

@@ -61,13 +61,29 @@ def test_generators_produce_normalized_batches_with_valid_targets(name):
         assert any(p.grad is not None for p in gen.parameters())
 
 
+MIXER_EXAMPLES = {  # name -> kwargs (teacher-free settings; bound mixers have own tests)
+    "NoMixer": {},
+    "MultiLayerAttentionMixer": {
+        "num_classes": 10,
+        "levels": 0,
+        "dim": 8,
+        "heads": 2,
+        "flow_heads": 2,
+        "mix_prob": 1.0,
+    },
+}
+
+
 @pytest.mark.parametrize("name", _names("mixers"))
 def test_mixers_declare_a_stage_and_keep_targets_normalized(name):
     from dfqkit.registry import get
 
-    mixer = get("mixers", name)()
+    assert name in MIXER_EXAMPLES, f"add an example for the new mixer {name!r}"
+    mixer = get("mixers", name)(**MIXER_EXAMPLES[name])
     assert isinstance(mixer, Mixer) and mixer.stage in STAGES
     gen = _generator("ConditionalGenerator")
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    mixer.bind(teacher=teacher, generator=gen, example=torch.randn(2, 1, 8, 8))
     batch = synthesize(gen, mixer, 6, torch.device("cpu"))
     assert batch.images.shape == (6, 1, 8, 8)
     if batch.targets is not None:
@@ -82,8 +98,13 @@ def _step():
     batch = SynthBatch(labels=labels, targets=F.one_hot(labels, 3).float(), images=x)
     teacher = torch.randn(4, 3, requires_grad=True)
     student = torch.randn(4, 3, requires_grad=True)
-    taps = {"bn_inputs": [(x * 2, bn)], "activations": [x.relu()]}
-    return Step(batch, teacher, student, teacher_taps=taps, student_taps=dict(taps))
+    taps = {
+        "bn_inputs": [(x * 2, bn)],
+        "activations": [x.relu()],
+        "stages": {1: [x.mean((2, 3))]},
+    }
+    student_taps = {"activations": [x * x]}
+    return Step(batch, teacher, student, teacher_taps=taps, student_taps=student_taps)
 
 
 @pytest.mark.parametrize("name", _names("losses"))

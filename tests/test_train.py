@@ -158,3 +158,27 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(tea
     m = run([RECIPE], params, output_dir=tmp_path / "es")
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
     assert m["epochs_done"] == 3 and m["best"]["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_diversity_recipe_runs_end_to_end_and_learns_clip_bounds(teacher_env, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "div"
+    params = [*TINY, "DIM = 8", "HEADS = 2", "BLOCKS = 1", "EMBED_EPOCHS = 1"]
+    metrics = run(["recipes/mnist/diversity_w4a4.gin"], params, output_dir=out)
+    assert metrics["epochs_done"] == 2 and 0.0 <= metrics["last"]["test_top1"] <= 100.0
+
+    def bounds(epoch):
+        for f in sorted((out / "checkpoints" / f"epoch-{epoch:04d}").glob("model*.safetensors")):
+            state = load_file(f)
+            his = {k: v for k, v in state.items() if k.endswith(".hi")}
+            if his:
+                return his
+        raise AssertionError("no activation clip bounds in the checkpoint")
+
+    calibrated, learned = bounds(1), bounds(2)  # epoch 1 observes, epoch 2 trains the student
+    assert calibrated.keys() == learned.keys() and len(calibrated) == 7
+    assert any(not torch.equal(calibrated[k], learned[k]) for k in calibrated)
+    operative = (out / "operative_config.gin").read_text()
+    assert "MultiLayerAttentionMixer" in operative and "SimLoss2" in operative

@@ -64,14 +64,15 @@ def synthesize(
     ``generator`` may be wrapped (DDP); its methods are reached through ``.module`` then.
     """
     gen = getattr(generator, "module", generator)
+    stage = getattr(mixer, "module", mixer).stage
     batch = gen.sample(batch_size, device)
     if not gen.trainable:
-        return mixer(batch, gen) if mixer.stage == "image" else batch
-    if mixer.stage == "cond":
+        return mixer(batch, gen) if stage == "image" else batch
+    if stage == "cond":
         batch = mixer(batch, gen)
     else:
         batch = batch.replace(cond=gen.embed(batch.labels, batch.z))
     batch = batch.replace(images=generator(batch))
-    if mixer.stage == "image":
+    if stage == "image":
         batch = mixer(batch, gen)
     return batch

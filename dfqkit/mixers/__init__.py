@@ -1,6 +1,18 @@
 """Mixers: act on the conditioning (``stage = "cond"``) or on the images (``stage = "image"``)."""
 
+from dfqkit.mixers.attention_mixer import MultiLayerAttentionMixer
 from dfqkit.mixers.base import STAGES, Mixer
+from dfqkit.mixers.flow_attention import AffineCouplingFlow, FlowLevelAttention, LevelTransformer
+from dfqkit.mixers.level_embeddings import LevelEmbeddings
 from dfqkit.mixers.no_mixer import NoMixer
 
-__all__ = ["STAGES", "Mixer", "NoMixer"]
+__all__ = [
+    "STAGES",
+    "AffineCouplingFlow",
+    "FlowLevelAttention",
+    "LevelEmbeddings",
+    "LevelTransformer",
+    "Mixer",
+    "MultiLayerAttentionMixer",
+    "NoMixer",
+]

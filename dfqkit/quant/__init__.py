@@ -6,6 +6,7 @@ Importing this package registers every quantizer (``@quantizers.<Name>`` in gin)
 
 from dfqkit.quant.act_base import ACT_MODES, ActQuantizer
 from dfqkit.quant.act_ema import EMAActQuantizer
+from dfqkit.quant.act_learnable import LearnableClipActQuantizer, learnable_fake_quant
 from dfqkit.quant.act_minmax import MinMaxActQuantizer
 from dfqkit.quant.api import act_quantizers, quantize_, set_quant_mode, sync_quantizers
 from dfqkit.quant.config import QuantConfig
@@ -19,6 +20,7 @@ __all__ = [
     "POLICIES",
     "ActQuantizer",
     "EMAActQuantizer",
+    "LearnableClipActQuantizer",
     "MinMaxActQuantizer",
     "MinMaxWeightQuantizer",
     "QuantConfig",
@@ -26,6 +28,7 @@ __all__ = [
     "QuantLinear",
     "act_quantizers",
     "fake_quant",
+    "learnable_fake_quant",
     "minmax_qparams",
     "quantize_",
     "quantize_codes",

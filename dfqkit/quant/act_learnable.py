@@ -1,0 +1,143 @@
+"""Activation quantizer with learnable clip bounds (the paper's component (e), supplement §2.6).
+
+The range ``[lo, hi]`` is first observed like GDFQ's EMA quantizer (during the calibration
+epochs), then, once frozen, trained with the student: ``lo`` and ``hi`` are ``nn.Parameter``
+and receive gradients from every student loss (KD, CE, SimLoss_2).
+
+Forward: exactly the Eq. 14 fake quantization of :func:`dfqkit.quant.fake_quant` (same codes,
+so export needs nothing special). Backward (LSQ / PACT-style, derived for the rounded-zero-point
+grid with the rounding treated as identity), with ``s = (hi - lo) / (2^k - 1)``, ``z`` the
+zero point and ``q`` the clamped code:
+
+* ``∂/∂x = 1`` where the unrounded code ``x/s - z`` lies in ``[-2^(k-1), 2^(k-1) - 1]``
+  ("inside"), 0 outside (a clipped value's gradient goes to the bound);
+* ``∂out/∂s = q + z - x/s`` inside (the rounding error, LSQ), ``q + z - lo/s`` outside;
+* ``∂out/∂lo = -(∂out/∂s) / (2^k - 1) + [x outside]``, ``∂out/∂hi = (∂out/∂s) / (2^k - 1)``.
+
+So a value clipped at the top pushes ``hi`` with gradient ≈ 1 (PACT) and one clipped at the
+bottom pushes ``lo``; values inside move both by their rounding error. The bound gradients are
+scaled by ``1 / sqrt(N · (2^k - 1))``, ``N`` the number of features per sample (LSQ's
+gradient scale), unless ``grad_scale=False``: a per-tensor bound otherwise sums the gradients
+of every feature.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from dfqkit.quant.act_ema import EMAActQuantizer
+from dfqkit.quant.functional import _codes, _qparams, qrange
+from dfqkit.registry import register
+
+
+class _LearnableFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, lo: Tensor, hi: Tensor, bits: int, grad_scale: bool) -> Tensor:
+        x = x.float()
+        scale, inv_scale, zero_point = _qparams(lo.float(), hi.float(), bits)
+        q = _codes(x, inv_scale, zero_point, bits)
+        out = (q + zero_point).mul_(scale)
+        ctx.bits, ctx.grad_scale = bits, grad_scale
+        ctx.save_for_backward(x, lo, scale, inv_scale, zero_point)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, lo, scale, inv_scale, zero_point = ctx.saved_tensors
+        bits = ctx.bits
+        qmin, qmax = qrange(bits)
+        t = x * inv_scale - zero_point  # unclamped, unrounded code
+        inside = (t >= qmin) & (t <= qmax)  # LSQ's convention: the unrounded code
+        q = t.round().clamp_(qmin, qmax)
+        # d out / d s: rounding error inside, (q + z - lo/s) for clipped values
+        ds = torch.where(inside, q - t, q + zero_point - lo * inv_scale)
+        grad = grad.float()
+        levels = 2**bits - 1
+        g_s = (grad * ds).sum()
+        g_out = (grad * ~inside).sum()
+        if ctx.grad_scale:
+            per_sample = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
+            factor = 1.0 / math.sqrt(per_sample * levels)
+            g_s, g_out = g_s * factor, g_out * factor
+        g_hi = g_s / levels
+        g_lo = g_out - g_s / levels
+        grad_x = grad * inside
+        return grad_x, g_lo.reshape(lo.shape), g_hi.reshape(lo.shape), None, None
+
+
+def learnable_fake_quant(
+    x: Tensor, lo: Tensor, hi: Tensor, bits: int, *, grad_scale: bool = True
+) -> Tensor:
+    """Eq. 14 fake quantization of ``x`` on ``[lo, hi]`` with gradients for ``lo`` and ``hi``.
+
+    Args:
+        x: input, any shape and float dtype.
+        lo, hi: 0-dim range bounds (``hi > lo``).
+        bits: bit width ``k``.
+        grad_scale: scale the bound gradients by ``1 / sqrt(N · (2^k - 1))`` with ``N`` the
+            features per sample (``numel / x.shape[0]``; LSQ).
+
+    Returns:
+        fp32 tensor shaped like ``x``, equal to ``fake_quant(x, lo, hi, bits)``.
+    """
+    return _LearnableFakeQuant.apply(x, lo, hi, bits, grad_scale)
+
+
+@register("quantizers")
+class LearnableClipActQuantizer(EMAActQuantizer):
+    """Activation quantizer whose clip bounds are trained with the student (Diversity, CVPR'25).
+
+    In ``"observe"`` mode it tracks the range exactly as :class:`EMAActQuantizer` (so the
+    bounds are initialised from the observed ranges, GDFQ's calibration); in ``"frozen"`` mode
+    the range is no longer observed but ``lo``/``hi`` are parameters the student optimizer
+    updates. The trainer puts them in their own parameter group with learning rate
+    ``lr_scale`` × the student's and no weight decay.
+
+    Reference: "Enhancing Diversity for Data-free Quantization" (CVPR 2025), supplement
+    ("learnable parameters on the clip ranges"); gradient rule after PACT (Choi et al., 2018)
+    and LSQ (Esser et al., ICLR 2020). The gradient form is a GUESS (docs/methods/diversity.md).
+
+    Args:
+        bits: Bit width ``k`` in 2..16.
+        momentum: EMA factor of the observation phase.
+        bias_correction: GDFQ's bias-corrected EMA during observation.
+        lr_scale: learning-rate multiplier of the bounds relative to the student's weights.
+        grad_scale: LSQ gradient scaling of the bounds.
+    """
+
+    sync_reduce: ClassVar[str] = "mean"
+    #: parameter-group overrides the trainer applies to this module's own parameters
+    param_group: ClassVar[tuple[str, ...]] = ("lr_scale", "weight_decay")
+
+    def __init__(
+        self,
+        *,
+        bits: int,
+        momentum: float = 0.9,
+        bias_correction: bool = False,
+        lr_scale: float = 10.0,
+        grad_scale: bool = True,
+    ) -> None:
+        super().__init__(
+            bits=bits, momentum=momentum, bias_correction=bias_correction, ste="clipped"
+        )
+        if isinstance(lr_scale, bool) or not isinstance(lr_scale, int | float) or lr_scale <= 0:
+            raise ValueError(f"lr_scale must be a positive number, got {lr_scale!r}")
+        del self._buffers["lo"], self._buffers["hi"]
+        self.lo = nn.Parameter(torch.zeros(()))
+        self.hi = nn.Parameter(torch.zeros(()))
+        self.lr_scale = float(lr_scale)
+        self.weight_decay = 0.0
+        self.grad_scale = bool(grad_scale)
+
+    def _quantize(self, x: Tensor) -> Tensor:
+        if self.mode == "observe":  # ranges come from the observer, not from gradients
+            return super()._quantize(x)
+        return learnable_fake_quant(x, self.lo, self.hi, self.bits, grad_scale=self.grad_scale)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lr_scale={self.lr_scale}, grad_scale={self.grad_scale}"
