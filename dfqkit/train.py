@@ -61,7 +61,7 @@ def _gin_root(fn):
     if __name__ == "__main__":
         return fn
     return gin.configurable(
-        fn, module="dfqkit", denylist=["output_dir", "resume", "recipe", "benchmark"]
+        fn, module="dfqkit", denylist=["output_dir", "resume", "recipe", "benchmark", "inspect"]
     )
 
 
@@ -94,6 +94,7 @@ def train(
     resume: bool = False,
     recipe: str = "",
     benchmark: tuple[int, int] | None = None,
+    inspect: bool = False,
 ) -> dict[str, Any]:
     """Run one DFQ experiment and return its metrics (also written to ``metrics.json``).
 
@@ -127,6 +128,10 @@ def train(
         benchmark: ``(warmup, iterations)``: instead of training, time that many steady-state
             iterations (generator and student step) after ``warmup`` calibrating ones, and
             return the timings (used by ``python -m dfqkit.bench speed``).
+        inspect: build everything, load the newest checkpoint of ``output_dir`` (with
+            ``resume``), and return the parts instead of training (``teacher``, ``generator``,
+            ``mixer``, ``student``, ``data``, ``device``, ``epochs_done``; used by
+            ``python -m dfqkit.diagnose``).
     """
     for name, value, low in (
         ("epochs", epochs, 1),
@@ -217,6 +222,16 @@ def train(
             acc.load_state(str(last))
             resumed_from = state.epochs_done
             logger.info(f"resumed from {last} after epoch {resumed_from}", main_process_only=True)
+    if inspect:
+        return {
+            "teacher": teacher,
+            "generator": generator,
+            "mixer": mixer,
+            "student": student,
+            "data": data,
+            "device": device,
+            "epochs_done": state.epochs_done,
+        }
     if not state.reference:
         set_seed(seed)
         teacher_eval = evaluate(teacher, loaders["test"], device=device, accelerator=acc)
