@@ -12,3 +12,27 @@ def _clear_gin():
     gin.clear_config(clear_constants=True)
     yield
     gin.clear_config(clear_constants=True)
+
+
+@pytest.fixture(scope="session")
+def zoo_teacher(tmp_path_factory):
+    """A one-epoch mnist_resnet8 in a private zoo cache (the real zoo code path)."""
+    import os
+
+    from dfqkit.zoo import train_teacher
+
+    cache = tmp_path_factory.mktemp("zoo")
+    old = os.environ.get("DFQKIT_CACHE")
+    os.environ["DFQKIT_CACHE"] = str(cache)
+    train_teacher("mnist_resnet8", epochs=1)
+    yield cache
+    if old is None:
+        os.environ.pop("DFQKIT_CACHE", None)
+    else:
+        os.environ["DFQKIT_CACHE"] = old
+
+
+@pytest.fixture()
+def teacher_env(zoo_teacher, monkeypatch):
+    monkeypatch.setenv("DFQKIT_CACHE", str(zoo_teacher))
+    return zoo_teacher
