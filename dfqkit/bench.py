@@ -2,6 +2,7 @@
 
     python -m dfqkit.bench accuracy --gin R1.gin R2.gin ... --seeds 0 1 2 --out DIR [--jobs N]
     python -m dfqkit.bench speed --gin R.gin [--batch N] [--threads T] [--iters N] [--json FILE]
+    python -m dfqkit.bench calibration --gin R.gin [--batches N] [--scales F ...] [--json FILE]
 
 ``accuracy`` runs every recipe for every seed (each run in its own process, resumed if a
 checkpoint exists, skipped if its ``metrics.json`` exists) and writes ``DIR/results.md`` (mean ±
@@ -9,6 +10,11 @@ std of test top-1 over seeds, with the teacher and naive rows), ``DIR/results.js
 ``DIR/results.png``. ``speed`` times the recipe's training step on randomly initialised weights
 and synthetic inputs (no data, no checkpoint) and reports the median ms per iteration of the
 generator step, the student step and both, images per second and the peak memory.
+``calibration`` asks how much a recipe's untrained quantized student depends on where its
+activation ranges come from: it observes them on Gaussian noise (the naive reference), on real
+training images (a real-data reference, not DFQ) and, with ``--run DIR``, on that run's
+generator, evaluates each on the test split, and repeats with every range's upper bound scaled
+by each ``--scales`` factor.
 """
 
 from __future__ import annotations
@@ -283,6 +289,91 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def calibration(
+    recipes: Sequence[str],
+    *,
+    batches: int = 200,
+    scales: Sequence[float] = (),
+    run_dir: Path | None = None,
+    params: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Test top-1 of the recipe's quantized student, untrained, per source of its ranges.
+
+    Returns ``{"teacher": top1, "sources": {name: {"top1", "hi": [per quantizer],
+    "scaled": {factor: top1}}}}``; sources ``noise``, ``real`` (the train split, when the
+    dataset has one) and ``generator`` (with ``run_dir``: its newest checkpoint).
+    """
+    import copy
+
+    from dfqkit.evaluate import evaluate
+    from dfqkit.generators.base import synthesize
+    from dfqkit.quant import act_quantizers, set_quant_mode
+    from dfqkit.runs import noise_batch
+    from dfqkit.train import train
+
+    if run_dir is not None:
+        recipes = [str(run_dir / "config.gin")]
+    cfg.parse(recipes, params)
+    batch_size = cfg.macro_value("BATCH_SIZE", 64)
+    seed = cfg.macro_value("SEED", 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = train(output_dir=run_dir or tmp, resume=True, inspect=True)
+    teacher, data, device = parts["teacher"], parts["data"], parts["device"]
+    student = getattr(parts["student"], "module", parts["student"])
+    test = data.loader("test", 256)
+
+    def source_batches(name: str):
+        torch.manual_seed(seed)
+        if name == "noise":
+            for _ in range(batches):
+                yield noise_batch(data, batch_size, device)
+        elif name == "real":
+            train_set = data.split("train")
+            gen = torch.Generator().manual_seed(seed)
+            for _ in range(batches):
+                idx = torch.randint(len(train_set), (batch_size,), generator=gen).tolist()
+                yield torch.stack([train_set[i][0] for i in idx]).to(device)
+        else:
+            generator, mixer = parts["generator"], parts["mixer"]
+            generator.train()
+            for _ in range(batches):
+                yield synthesize(generator, mixer, batch_size, device).images
+
+    sources = ["noise"] + (["real"] if data.train is not None else [])
+    sources += ["generator"] if run_dir is not None else []
+    out: dict[str, Any] = {
+        "teacher": evaluate(teacher, test, device=device)["top1"],
+        "batches": batches,
+        "sources": {},
+    }
+    for name in sources:
+        model = copy.deepcopy(student)
+        for q in act_quantizers(model):  # start every source from empty observers
+            q.load_state_dict(type(q)(bits=q.bits).state_dict(), strict=False)
+            q._updates = 0
+        set_quant_mode(model, "observe")
+        with torch.no_grad():
+            for x in source_batches(name):
+                model(x)
+        set_quant_mode(model, "frozen")
+        quantizers = act_quantizers(model)
+        his = [q.hi.detach().clone() for q in quantizers]
+        row = {
+            "top1": evaluate(model, test, device=device)["top1"],
+            "hi": [float(h) for h in his],
+            "scaled": {},
+        }
+        with torch.no_grad():
+            for factor in scales:
+                for q, h in zip(quantizers, his, strict=True):
+                    q.hi.copy_(h * factor)
+                row["scaled"][str(factor)] = evaluate(model, test, device=device)["top1"]
+            for q, h in zip(quantizers, his, strict=True):
+                q.hi.copy_(h)
+        out["sources"][name] = row
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dfqkit.bench", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,7 +397,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="time the official GDFQ iteration (re-created) instead of dfqkit's",
     )
     spd.add_argument("--gin_param", action="append", default=[])
+    cal = sub.add_parser("calibration", help="untrained accuracy per source of activation ranges")
+    cal.add_argument("--gin", action="append", default=[])
+    cal.add_argument("--run", type=Path, default=None, help="also use this run's generator")
+    cal.add_argument("--batches", type=int, default=200)
+    cal.add_argument("--scales", nargs="*", type=float, default=[])
+    cal.add_argument("--json", type=Path, default=None)
+    cal.add_argument("--gin_param", action="append", default=[])
     args = parser.parse_args(argv)
+    if args.command == "calibration":
+        if not args.gin and args.run is None:
+            parser.error("calibration needs --gin RECIPE or --run DIR")
+        try:
+            res = calibration(
+                args.gin,
+                batches=args.batches,
+                scales=args.scales,
+                run_dir=args.run,
+                params=args.gin_param,
+            )
+        except cfg.ConfigError as err:
+            print(f"dfqkit.bench: error: {cfg.one_line(err)}", file=sys.stderr)
+            return 2
+        print(f"teacher {res['teacher']:.2f}")
+        for name, row in res["sources"].items():
+            scaled = " ".join(f"×{f}: {v:.2f}" for f, v in row["scaled"].items())
+            his = " ".join(f"{h:.2f}" for h in row["hi"])
+            print(f"{name:9s} {row['top1']:6.2f}  hi [{his}]  {scaled}")
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2) + "\n")
+        return 0
     if args.command == "accuracy":
         rows = accuracy(args.gin, args.seeds, args.out, jobs=args.jobs, params=args.gin_param)
         print(markdown_table(rows), end="")
