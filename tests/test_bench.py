@@ -65,3 +65,34 @@ def test_speed_reports_step_times_on_random_weights(tmp_path):
         res["ms_generator_step"] + res["ms_student_step"], rel=0.05
     )
     assert res["img_per_s"] == pytest.approx(1000 * 4 / res["ms_per_iter"])
+
+
+@pytest.mark.slow
+def test_calibration_compares_range_sources(teacher_env, tmp_path, capsys):
+    from dfqkit.bench import main as bench_main
+
+    out = tmp_path / "cal.json"
+    code = bench_main(
+        [
+            "calibration",
+            "--gin",
+            "recipes/mnist/gdfq_w4a3.gin",
+            "--batches",
+            "3",
+            "--scales",
+            "1.0",
+            "0.5",
+            "--json",
+            str(out),
+            "--gin_param",
+            "BATCH_SIZE = 8",
+        ]
+    )
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert set(res["sources"]) == {"noise", "real"} and res["batches"] == 3
+    for row in res["sources"].values():
+        assert len(row["hi"]) == 7 and all(h > 0 for h in row["hi"])
+        assert row["scaled"]["1.0"] == row["top1"]  # scaling by 1 is the unscaled range
+    # the two sources observe different ranges
+    assert res["sources"]["noise"]["hi"] != res["sources"]["real"]["hi"]
