@@ -137,13 +137,24 @@ def _plot(results: Sequence[dict[str, Any]], path: Path) -> None:
         for res in results:
             hi = max(hi, float(res["synthetic"]["layers"][layer]["values"].max()))
         bins = torch.linspace(0, max(hi, 1e-6), 60).numpy()
-        ax.hist(real["values"].numpy(), bins=bins, density=True, histtype="step",
-                color="k", label=f"real (κ={real['kurtosis']:.1f})")
+        ax.hist(
+            real["values"].numpy(),
+            bins=bins,
+            density=True,
+            histtype="step",
+            color="k",
+            label=f"real (κ={real['kurtosis']:.1f})",
+        )
         for res in results:
             syn = res["synthetic"]["layers"][layer]
             name = Path(res["run"]).parent.name
-            ax.hist(syn["values"].numpy(), bins=bins, density=True, histtype="step",
-                    label=f"{name} (κ={syn['kurtosis']:.1f})")
+            ax.hist(
+                syn["values"].numpy(),
+                bins=bins,
+                density=True,
+                histtype="step",
+                label=f"{name} (κ={syn['kurtosis']:.1f})",
+            )
         ax.set_yscale("log")
         ax.set_title(f"activation layer {layer + 1}", fontsize=8)
         ax.legend(fontsize=6)

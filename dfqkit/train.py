@@ -318,23 +318,25 @@ def train(
 
 def _student_optimizer(factory: Callable[..., torch.optim.Optimizer], student: nn.Module):
     """The student optimizer; modules declaring ``param_group`` (learnable clip bounds) get
-    their own parameter group: learning rate × their ``lr_scale``, their ``weight_decay``."""
-    special: dict[tuple[float, float], list[nn.Parameter]] = {}
+    their own parameter group with their ``lr`` (``None``: the student's) and
+    ``weight_decay``."""
+    special: dict[tuple[float | None, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for module in student.modules():
         if getattr(module, "param_group", None):
-            key = (float(module.lr_scale), float(module.weight_decay))
+            key = (module.lr, float(module.weight_decay))
             for p in module.parameters(recurse=False):
                 special.setdefault(key, []).append(p)
                 seen.add(id(p))
     if not special:
         return factory(student.parameters())
     groups = [{"params": [p for p in student.parameters() if id(p) not in seen]}]
-    groups += [{"params": ps, "weight_decay": wd} for (_, wd), ps in special.items()]
-    opt = factory(groups)
-    for group, (scale, _) in zip(opt.param_groups[1:], special, strict=True):
-        group["lr"] *= scale
-    return opt
+    for (lr, wd), params in special.items():
+        group = {"params": params, "weight_decay": wd}
+        if lr is not None:
+            group["lr"] = lr
+        groups.append(group)
+    return factory(groups)
 
 
 def _benchmark(engine: Engine, student: nn.Module, warmup: int, iterations: int) -> dict:

@@ -17,8 +17,7 @@ zero point and ``q`` the clamped code:
 So a value clipped at the top pushes ``hi`` with gradient ≈ 1 (PACT) and one clipped at the
 bottom pushes ``lo``; values inside move both by their rounding error. The bound gradients are
 scaled by ``1 / sqrt(N · (2^k - 1))``, ``N`` the number of features per sample (LSQ's
-gradient scale), unless ``grad_scale=False``: a per-tensor bound otherwise sums the gradients
-of every feature.
+gradient scale), when ``grad_scale=True``.
 """
 
 from __future__ import annotations
@@ -94,8 +93,10 @@ class LearnableClipActQuantizer(EMAActQuantizer):
     In ``"observe"`` mode it tracks the range exactly as :class:`EMAActQuantizer` (so the
     bounds are initialised from the observed ranges, GDFQ's calibration); in ``"frozen"`` mode
     the range is no longer observed but ``lo``/``hi`` are parameters the student optimizer
-    updates. The trainer puts them in their own parameter group with learning rate
-    ``lr_scale`` × the student's and no weight decay.
+    updates. The trainer puts them in their own parameter group with learning rate ``lr``
+    (absolute: the bounds live on the scale of activations, not of weights, so the same value
+    serves every dataset; ``None``: the student's) and no weight decay; the rest of the
+    optimizer's settings (momentum) and its schedule apply.
 
     Reference: "Enhancing Diversity for Data-free Quantization" (CVPR 2025), supplement
     ("learnable parameters on the clip ranges"); gradient rule after PACT (Choi et al., 2018)
@@ -105,13 +106,15 @@ class LearnableClipActQuantizer(EMAActQuantizer):
         bits: Bit width ``k`` in 2..16.
         momentum: EMA factor of the observation phase.
         bias_correction: GDFQ's bias-corrected EMA during observation.
-        lr_scale: learning-rate multiplier of the bounds relative to the student's weights.
-        grad_scale: LSQ gradient scaling of the bounds.
+        lr: learning rate of the bounds (``None``: the student's).
+        grad_scale: LSQ gradient scaling of the bounds (off by default: with LSQ's scale the
+            bounds need learning rates ~10^4 × the student's to move; measured, see
+            docs/methods/diversity.md).
     """
 
     sync_reduce: ClassVar[str] = "mean"
     #: parameter-group overrides the trainer applies to this module's own parameters
-    param_group: ClassVar[tuple[str, ...]] = ("lr_scale", "weight_decay")
+    param_group: ClassVar[tuple[str, ...]] = ("lr", "weight_decay")
 
     def __init__(
         self,
@@ -119,18 +122,18 @@ class LearnableClipActQuantizer(EMAActQuantizer):
         bits: int,
         momentum: float = 0.9,
         bias_correction: bool = False,
-        lr_scale: float = 10.0,
-        grad_scale: bool = True,
+        lr: float | None = 0.01,
+        grad_scale: bool = False,
     ) -> None:
         super().__init__(
             bits=bits, momentum=momentum, bias_correction=bias_correction, ste="clipped"
         )
-        if isinstance(lr_scale, bool) or not isinstance(lr_scale, int | float) or lr_scale <= 0:
-            raise ValueError(f"lr_scale must be a positive number, got {lr_scale!r}")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0):
+            raise ValueError(f"lr must be None or a positive number, got {lr!r}")
         del self._buffers["lo"], self._buffers["hi"]
         self.lo = nn.Parameter(torch.zeros(()))
         self.hi = nn.Parameter(torch.zeros(()))
-        self.lr_scale = float(lr_scale)
+        self.lr = None if lr is None else float(lr)
         self.weight_decay = 0.0
         self.grad_scale = bool(grad_scale)
 
@@ -140,4 +143,4 @@ class LearnableClipActQuantizer(EMAActQuantizer):
         return learnable_fake_quant(x, self.lo, self.hi, self.bits, grad_scale=self.grad_scale)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, lr_scale={self.lr_scale}, grad_scale={self.grad_scale}"
+        return f"{super().extra_repr()}, lr={self.lr}, grad_scale={self.grad_scale}"

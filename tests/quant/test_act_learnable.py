@@ -73,7 +73,7 @@ def test_grad_scale_is_lsq_per_sample_features():
 
 def test_observes_like_ema_then_learns_its_bounds():
     torch.manual_seed(0)
-    q = LearnableClipActQuantizer(bits=3, momentum=0.9)
+    q = LearnableClipActQuantizer(bits=3, momentum=0.9, grad_scale=True)
     ref = EMAActQuantizer(bits=3, momentum=0.9)
     for _ in range(5):
         x = torch.rand(4, 8) * 6
@@ -100,14 +100,12 @@ def test_trainer_gives_clip_bounds_their_own_parameter_group():
     from dfqkit.train import _student_optimizer
 
     model = mnist_resnet(depth=8, weights=None)
-    cfg = QuantConfig(
-        w_bits=4, a_bits=4, act_quantizer=partial(LearnableClipActQuantizer, lr_scale=10.0)
-    )
+    cfg = QuantConfig(w_bits=4, a_bits=4, act_quantizer=partial(LearnableClipActQuantizer, lr=0.01))
     student = quantize_(model, cfg, torch.randn(2, 1, 28, 28))
     set_quant_mode(student, "observe")
     opt = _student_optimizer(partial(torch.optim.SGD, lr=1e-4, weight_decay=1e-4), student)
     main, clips = opt.param_groups
-    assert clips["lr"] == pytest.approx(1e-3) and clips["weight_decay"] == 0.0
+    assert clips["lr"] == pytest.approx(0.01) and clips["weight_decay"] == 0.0
     assert main["lr"] == pytest.approx(1e-4) and main["weight_decay"] == 1e-4
     n_quant = sum(isinstance(m, LearnableClipActQuantizer) for m in student.modules())
     assert len(clips["params"]) == 2 * n_quant
