@@ -146,6 +146,8 @@ class Engine:
         if train_gen:
             self.gen_opt.zero_grad(set_to_none=True)
             acc.backward(gen_loss)
+            if acc.num_processes > 1:
+                _all_reduce_grads(self.mixer_module)
             self.gen_opt.step()
             del gen_loss, step  # the generator graph and its taps are freed here
         teacher_taps = {
@@ -173,6 +175,25 @@ class Engine:
             with torch.no_grad(), acc.autocast():
                 self.student(batch.images)
         self._mark(marks)
+
+
+def _all_reduce_grads(module: nn.Module) -> None:
+    """Average ``module``'s gradients over processes (one flat all-reduce), for parts that are
+    not DDP-wrapped. Which parameters get a gradient depends only on the epoch (the same on
+    every rank), so a parameter without one stays without one (Adam then skips it)."""
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return
+    import torch.distributed as dist
+
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p))
+        offset += n
 
 
 def _detach_taps(values: list) -> list:

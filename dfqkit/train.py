@@ -192,10 +192,12 @@ def train(
     state = ckpt.TrainState()
     if gen_opt is not None:
         generator, gen_opt = acc.prepare(generator, gen_opt)
-        if any(True for _ in mixer.parameters()):
-            mixer = acc.prepare(mixer)
     else:
         acc.register_for_checkpointing(generator)
+    if any(True for _ in mixer.parameters()):
+        # not DDP-wrapped: parts of a mixer train from losses outside its forward (the level
+        # classifiers) or only in some epochs; the engine all-reduces its gradients instead
+        acc.register_for_checkpointing(mixer)
     student, student_opt = acc.prepare(student, student_opt)
     acc.register_for_checkpointing(state)
     engine = Engine(
