@@ -14,6 +14,7 @@ from dfqkit.quant.functional import fake_quant, minmax_qparams, quantize_codes
 from dfqkit.quant.modules import QuantConv2d, QuantLinear
 from dfqkit.quant.policies import POLICIES
 from dfqkit.quant.weight_minmax import MinMaxWeightQuantizer
+from dfqkit.quant.weight_symmetric import SymmetricWeightQuantizer
 
 __all__ = [
     "ACT_MODES",
@@ -26,6 +27,7 @@ __all__ = [
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
+    "SymmetricWeightQuantizer",
     "act_quantizers",
     "fake_quant",
     "learnable_fake_quant",

@@ -136,7 +136,40 @@ def _insert_after_relu_calls(model: nn.Module, config: QuantConfig, run: DryRun)
     return gm
 
 
+def vit(model: nn.Module, config: QuantConfig, run: DryRun) -> nn.Module:
+    """ViT placement (PSAQ-ViT's quantized tensors, by operand): the input of every
+    ``QuantLinear`` (qkv, proj, fc1, fc2, head), both operands of the attention's two matmuls
+    and the attention logits before the softmax (:mod:`dfqkit.quant.attention`). LayerNorm,
+    softmax and GELU compute in floating point. The patch-embedding convolution's weight is
+    quantized; its input (the image) only with ``config.quantize_input``.
+
+    A ViT with ``L`` blocks gets ``9·L + 1`` activation quantizers (4 linear inputs and 5
+    attention operands per block, plus the head's input).
+    """
+    from dfqkit.quant.attention import is_attention, quantize_attention_
+
+    first = run.layer_order[0] if run.layer_order else None
+    last = run.layer_order[-1] if run.layer_order else None
+    attentions = [m for m in model.modules() if is_attention(m)]
+    if not attentions:
+        raise _none_placed(
+            model,
+            "vit",
+            "it has no timm-style attention module (one with qkv, num_heads and fused_attn)",
+        )
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) or (
+            isinstance(module, QuantConv2d) and name == first and config.quantize_input
+        ):
+            bits = config.input_bits(first=name == first, last=name == last)
+            module.input_quant = config.act_quantizer(bits=bits)
+    for module in attentions:
+        quantize_attention_(module, lambda: config.act_quantizer(bits=config.a_bits))
+    return model
+
+
 POLICIES: dict[str, Policy] = {
     "after_relu": after_relu,
     "layer_inputs": layer_inputs,
+    "vit": vit,
 }
