@@ -85,7 +85,7 @@ class Engine:
             stage_parts=stage_parts,
             example=example,
         )
-        self.student_taps = Taps(student, student_needs, model_name="the student")
+        self.student_taps = Taps(student, student_needs, model_name="the student", example=example)
         self.loss_sums: dict[str, torch.Tensor] = {}
         self.last_batch: SynthBatch | None = None
 

@@ -53,6 +53,15 @@ def check_setup(
     for loss in losses:
         if not isinstance(loss, Loss):
             raise ConfigError(f"train.losses holds {loss!r}, which is not a dfqkit loss")
+    from dfqkit.taps import bn_layers
+
+    bn_losses = [type(loss).__name__ for loss in losses if loss.requires_bn and loss.weight != 0]
+    if bn_losses and not bn_layers(teacher):
+        raise ConfigError(
+            f"{', '.join(bn_losses)} matches batch-norm statistics, but the teacher "
+            f"({type(teacher).__name__}) has no BatchNorm layer with running statistics "
+            "(a ViT normalizes with LayerNorm): remove it from train.losses"
+        )
     stages = getattr(generator, "accepts_stages", frozenset())
     if mixer.stage not in stages:
         raise ConfigError(

@@ -27,15 +27,59 @@ def bn_layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
+def _act_quantizers(model: nn.Module) -> list[nn.Module]:
+    from dfqkit.quant.act_base import ActQuantizer  # local: quant imports nothing from here
+
+    return [m for m in model.modules() if isinstance(m, ActQuantizer)]
+
+
 def activation_sites(model: nn.Module) -> list[nn.Module]:
     """The modules whose outputs the ``activations`` tap records: the activation quantizers of
     a quantized model, otherwise its activation modules."""
-    from dfqkit.quant.act_base import ActQuantizer  # local: quant imports nothing from here
-
-    quantizers = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    quantizers = _act_quantizers(model)
     if quantizers:
         return quantizers
     return [m for m in model.modules() if isinstance(m, ACTIVATION_TYPES)]
+
+
+def quantized_activation_calls(model: nn.Module, example: torch.Tensor) -> list[int]:
+    """Call indices (in one forward) of the activation-quantizer calls whose input is the output
+    of an activation module — the quantized activations that pair, in order, with a float
+    model's activation outputs, whatever the placement (``after_relu``: every quantizer;
+    ``vit``: the input quantizer of each MLP's second linear; ``layer_inputs``: the inputs
+    of layers fed by an activation). Found by one forward on ``example``; quantizer states
+    are restored afterwards."""
+    quantizers = _act_quantizers(model)
+    saved = [{k: v.clone() for k, v in q.state_dict().items()} for q in quantizers]
+    updates = [getattr(q, "_updates", 0) for q in quantizers]
+    produced: set[int] = set()
+    alive: list[torch.Tensor] = []  # keeps outputs alive so their ids are not reused
+    calls: list[bool] = []
+
+    def record(_m: nn.Module, _a: Any, out: torch.Tensor) -> None:
+        alive.append(out)
+        produced.add(id(out))
+
+    handles = [
+        m.register_forward_hook(record) for m in model.modules() if isinstance(m, ACTIVATION_TYPES)
+    ]
+
+    def consume(_m: nn.Module, args: tuple) -> None:
+        key = id(args[0])
+        calls.append(key in produced)
+        produced.discard(key)  # an output feeding several quantizers pairs with the first
+
+    handles += [q.register_forward_pre_hook(consume) for q in quantizers]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        for q, state, n in zip(quantizers, saved, updates, strict=True):
+            q.load_state_dict(state)
+            q._updates = n
+    return [i for i, is_act in enumerate(calls) if is_act]
 
 
 class Taps:
@@ -45,9 +89,10 @@ class Taps:
         ``bn_inputs``: ``(input, bn_module)`` pairs for every BatchNorm layer with running stats.
         ``activations``: outputs of every activation module (ReLU, ReLU6, GELU, SiLU,
             Hardswish), in call order. In a quantized model (one holding activation
-            quantizers) the outputs of the activation quantizers instead, so a loss compares
-            the student's *quantized* activations (with ``after_relu`` placement they pair
-            one-to-one, in order, with the teacher's ReLU outputs).
+            quantizers) the outputs of the quantizers that quantize an activation output
+            instead (found with ``example``: :func:`quantized_activation_calls`; without it,
+            every quantizer), so a loss compares the student's *quantized* activations, one
+            to one and in order with the teacher's activation outputs.
         ``stages``: pooled features ``(b, C_j)`` at the ends of ``J`` even parts of the model
             (:mod:`dfqkit.models.split`), as a dict ``{J: [J tensors]}`` for every ``J`` in
             ``stage_parts``; only the cut blocks are hooked.
@@ -95,8 +140,12 @@ class Taps:
                 )
             for bn in bns:
                 self._handles.append(bn.register_forward_pre_hook(self._bn_input))
+        self._select: list[int] | None = None
         if "activations" in self.needs:
-            for m in activation_sites(model):
+            sites = activation_sites(model)
+            if example is not None and sites and sites[0] is _act_quantizers(model)[0]:
+                self._select = quantized_activation_calls(model, example)
+            for m in sites:
                 self._handles.append(m.register_forward_hook(self._activation))
         self._stage_cuts: dict[int, list[int]] = {}
         self._channels_last = False
@@ -135,6 +184,9 @@ class Taps:
     def collect(self) -> dict[str, Any]:
         """Return what was recorded since the last call and start afresh."""
         out: dict[str, Any] = self.store
+        if self._select is not None and "activations" in out:
+            calls = out["activations"]
+            out["activations"] = [calls[i] for i in self._select if i < len(calls)]
         if "stages" in self.needs:
             out["stages"] = {
                 j: [self._stage_out[i] for i in cuts] for j, cuts in self._stage_cuts.items()

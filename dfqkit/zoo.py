@@ -31,6 +31,7 @@ from dfqkit.data.eval_data import EvalData
 from dfqkit.data.mnist5k import mnist5k
 from dfqkit.models.fit_teacher import TrainRecipe, fit_teacher
 from dfqkit.models.mnist_resnet import mnist_resnet
+from dfqkit.models.mnist_vit import mnist_vit
 
 logger = logging.getLogger(__name__)
 _UMASK = os.umask(0o022)
@@ -60,9 +61,11 @@ def _mnist_resnet8() -> nn.Module:
     return mnist_resnet(depth=8, weights=None)
 
 
-# The zoo. Add a teacher by adding a row, e.g. the ViT path's teacher:
-#   ZooEntry("mnist_vit", "small ViT (no BN) on MNIST-5k", _mnist_vit, mnist5k,
-#            TrainRecipe(optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=...)),
+def _mnist_vit() -> nn.Module:
+    return mnist_vit(weights=None)
+
+
+# The zoo. Add a teacher by adding a row.
 ZOO: dict[str, ZooEntry] = {
     entry.name: entry
     for entry in (
@@ -77,6 +80,23 @@ ZOO: dict[str, ZooEntry] = {
                 batch_size=64,
                 lr=0.1,
                 weight_decay=5e-4,
+                max_shift=2,
+                max_rotation=12.0,
+                max_scale=0.1,
+            ),
+        ),
+        ZooEntry(
+            name="mnist_vit",
+            description="ViT (4 blocks, dim 64, 7×7 patches, no BN; 137k params) on MNIST-5k",
+            build=_mnist_vit,
+            data=mnist5k,
+            recipe=TrainRecipe(
+                epochs=60,
+                batch_size=64,
+                optimizer="adamw",
+                lr=2e-3,
+                weight_decay=0.05,
+                warmup_epochs=3,
                 max_shift=2,
                 max_rotation=12.0,
                 max_scale=0.1,

@@ -22,6 +22,7 @@ def _names(kind):
 
 MODEL_EXAMPLES = {  # name -> (kwargs, input shape, classes)
     "mnist_resnet": ({"weights": None}, (2, 1, 28, 28), 10),
+    "mnist_vit": ({"weights": None}, (2, 1, 28, 28), 10),
     "cifar_resnet20": ({"num_classes": 100, "weights": None}, (2, 3, 32, 32), 100),
     "torchvision_model": ({"name": "resnet18", "num_classes": 7}, (1, 3, 32, 32), 7),
     "timm_model": ({"name": "resnet10t", "num_classes": 5}, (1, 3, 32, 32), 5),

@@ -52,7 +52,7 @@ class SimLoss2(Loss):
             raise ValueError(
                 f"SimLoss2 pairs activation layers one to one, but the teacher produced "
                 f"{len(teacher)} and the student {len(student)} quantized activations; use the "
-                "'after_relu' placement policy (an activation quantizer after every ReLU)"
+                "'after_relu' (CNN) or 'vit' placement, which quantize every activation output"
             )
         total = None
         for p, q in zip(teacher, student, strict=True):

@@ -6,6 +6,7 @@ Importing this package registers every model factory under ``dfqkit.models`` (gi
 
 from dfqkit.models.cifar_resnet20 import cifar_resnet20
 from dfqkit.models.mnist_resnet import mnist_resnet
+from dfqkit.models.mnist_vit import mnist_vit
 from dfqkit.models.timm_model import timm_model
 from dfqkit.models.torchvision_model import torchvision_model
 from dfqkit.models.weights import load_weights, read_state_dict
@@ -14,6 +15,7 @@ __all__ = [
     "cifar_resnet20",
     "load_weights",
     "mnist_resnet",
+    "mnist_vit",
     "read_state_dict",
     "timm_model",
     "torchvision_model",
