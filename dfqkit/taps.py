@@ -143,7 +143,7 @@ class Taps:
         self._select: list[int] | None = None
         if "activations" in self.needs:
             sites = activation_sites(model)
-            if example is not None and sites and sites[0] is _act_quantizers(model)[0]:
+            if example is not None and _act_quantizers(model):
                 self._select = quantized_activation_calls(model, example)
             for m in sites:
                 self._handles.append(m.register_forward_hook(self._activation))

@@ -25,6 +25,7 @@ def zoo_teacher(tmp_path_factory):
     old = os.environ.get("DFQKIT_CACHE")
     os.environ["DFQKIT_CACHE"] = str(cache)
     train_teacher("mnist_resnet8", epochs=1)
+    train_teacher("mnist_vit", epochs=1)
     yield cache
     if old is None:
         os.environ.pop("DFQKIT_CACHE", None)

@@ -158,3 +158,26 @@ def test_diversity_recipe_runs_end_to_end_and_learns_clip_bounds(teacher_env, tm
     assert any(not torch.equal(calibrated[k], learned[k]) for k in calibrated)
     operative = (out / "operative_config.gin").read_text()
     assert "MultiLayerAttentionMixer" in operative and "SimLoss2" in operative
+
+
+@pytest.mark.slow
+def test_vit_teacher_runs_without_bns_and_refuses_it(teacher_env, tmp_path, capsys):
+    params = [*TINY, "DIM = 8", "HEADS = 2", "BLOCKS = 1", "EMBED_EPOCHS = 1"]
+    metrics = run(["recipes/mnist/vit_diversity_w4a8.gin"], params, output_dir=tmp_path / "v")
+    assert metrics["epochs_done"] == 2 and metrics["w_bits"] == 4 and metrics["a_bits"] == 8
+    # GDFQ's BNS loss on the BN-free ViT teacher: one line before any training step
+    code = main(
+        [
+            "--gin",
+            "recipes/mnist/gdfq_w4a4.gin",
+            "--gin",
+            "gin/models/mnist_vit.gin",
+            "--output_dir",
+            str(tmp_path / "bns"),
+            *sum((["--gin_param", p] for p in TINY), []),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "BNStatsLoss matches batch-norm statistics" in err
+    assert "no BatchNorm layer" in err and "Traceback" not in err
+    assert not (tmp_path / "bns" / "checkpoints").exists()
