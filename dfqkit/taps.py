@@ -93,6 +93,11 @@ class Taps:
             instead (found with ``example``: :func:`quantized_activation_calls`; without it,
             every quantizer), so a loss compares the student's *quantized* activations, one
             to one and in order with the teacher's activation outputs.
+        ``attention``: the output of every attention's second matmul, ``softmax(q kᵀ) v`` of
+            shape ``(b, heads, tokens, head_dim)`` (PSAQ-ViT's ``matmul2``), one per
+            attention module in call order. The module's fused path is switched off while
+            this tap exists (timm's ``fused_attn`` flag) and a TorchFunctionMode records the
+            product during its forward (:mod:`dfqkit.quant.attention`).
         ``stages``: pooled features ``(b, C_j)`` at the ends of ``J`` even parts of the model
             (:mod:`dfqkit.models.split`), as a dict ``{J: [J tensors]}`` for every ``J`` in
             ``stage_parts``; only the cut blocks are hooked.
@@ -109,7 +114,7 @@ class Taps:
             unknown tap name.
     """
 
-    SUPPORTED = ("bn_inputs", "activations", "stages")
+    SUPPORTED = ("bn_inputs", "activations", "stages", "attention")
 
     def __init__(
         self,
@@ -147,6 +152,20 @@ class Taps:
                 self._select = quantized_activation_calls(model, example)
             for m in sites:
                 self._handles.append(m.register_forward_hook(self._activation))
+        if "attention" in self.needs:
+            from dfqkit.quant.attention import attention_modules
+
+            modules = attention_modules(model)
+            if not modules:
+                raise ValueError(
+                    f"a loss needs attention outputs but {model_name} "
+                    f"({type(model).__name__}) has no timm-style attention module"
+                )
+            for m in modules:
+                m.fused_attn = False
+                self._handles.append(m.register_forward_pre_hook(self._attention_enter))
+                self._handles.append(m.register_forward_hook(self._attention_exit))
+            self._attention_modes: list[Any] = []
         self._stage_cuts: dict[int, list[int]] = {}
         self._channels_last = False
         if "stages" in self.needs:
@@ -173,6 +192,22 @@ class Taps:
     def _activation(self, module: nn.Module, args: Any, output: torch.Tensor) -> None:
         if self.enabled:
             self.store["activations"].append(output)
+
+    def _attention_enter(self, module: nn.Module, args: Any) -> None:
+        if self.enabled:
+            from dfqkit.quant.attention import SecondMatmulRecorder
+
+            mode = SecondMatmulRecorder()
+            mode.__enter__()
+            self._attention_modes.append(mode)
+
+    def _attention_exit(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.enabled and self._attention_modes:
+            mode = self._attention_modes.pop()
+            mode.__exit__(None, None, None)
+            if mode.product is None:
+                raise RuntimeError(f"{type(module).__name__} made no second matmul to record")
+            self.store["attention"].append(mode.product)
 
     def _stage_hook(self, index: int):
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:

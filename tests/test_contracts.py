@@ -103,6 +103,7 @@ def _step():
         "bn_inputs": [(x * 2, bn)],
         "activations": [x.relu()],
         "stages": {1: [x.mean((2, 3))]},
+        "attention": [x * 1.5],  # (b, heads, tokens, head_dim)
     }
     student_taps = {"activations": [x * x]}
     return Step(batch, teacher, student, teacher_taps=taps, student_taps=student_taps)

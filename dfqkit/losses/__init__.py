@@ -3,8 +3,19 @@
 from dfqkit.losses.base import Loss
 from dfqkit.losses.bn_stats import BNStatsLoss
 from dfqkit.losses.kd import KDLoss
+from dfqkit.losses.patch_similarity import PatchSimilarityEntropy
 from dfqkit.losses.sim_loss1 import SimLoss1
 from dfqkit.losses.sim_loss2 import SimLoss2
 from dfqkit.losses.soft_target_ce import SoftTargetCE
+from dfqkit.losses.tv_prior import TVPrior
 
-__all__ = ["BNStatsLoss", "KDLoss", "Loss", "SimLoss1", "SimLoss2", "SoftTargetCE"]
+__all__ = [
+    "BNStatsLoss",
+    "KDLoss",
+    "Loss",
+    "PatchSimilarityEntropy",
+    "SimLoss1",
+    "SimLoss2",
+    "SoftTargetCE",
+    "TVPrior",
+]

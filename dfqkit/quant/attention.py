@@ -49,6 +49,32 @@ def is_attention(module: nn.Module) -> bool:
     )
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The timm-style attention modules of ``model`` (quantized ones included), in module order."""
+    return [
+        m
+        for m in model.modules()
+        if hasattr(m, "qkv") and hasattr(m, "num_heads") and hasattr(m, "fused_attn")
+    ]
+
+
+class SecondMatmulRecorder(TorchFunctionMode):
+    """Records the output of the second matmul (``attn @ v``) of one attention forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.matmuls = 0
+        self.product: torch.Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        if func in _MATMULS:
+            self.matmuls += 1
+            if self.matmuls == 2:
+                self.product = out
+        return out
+
+
 class _Operands(TorchFunctionMode):
     """Rewrites the two matmuls and the softmax of one attention forward."""
 
