@@ -149,6 +149,9 @@ class Engine:
             if acc.num_processes > 1:
                 _all_reduce_grads(self.mixer_module)
             self.gen_opt.step()
+            gen = getattr(self.generator, "module", self.generator)
+            if hasattr(gen, "after_step"):  # e.g. a pixel bank clips its pixels
+                gen.after_step()
             del gen_loss, step  # the generator graph and its taps are freed here
         teacher_taps = {
             k: _detach_taps(v) for k, v in teacher_taps.items() if k in self.student_reads

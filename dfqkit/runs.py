@@ -46,6 +46,7 @@ def check_setup(
     losses: Sequence[Loss],
     batch_size: int,
     device: torch.device,
+    trains_student: bool = True,
 ) -> None:
     """Cross-component checks that must fail before any training step, with one clear line."""
     if not losses:
@@ -70,7 +71,7 @@ def check_setup(
         )
     if generator.trainable and not any(loss.side == "generator" for loss in losses):
         raise ConfigError("the generator is trainable but train.losses has no generator-side loss")
-    if not any(loss.side == "student" for loss in losses):
+    if trains_student and not any(loss.side == "student" for loss in losses):
         raise ConfigError("train.losses has no student-side loss: the student would never train")
     if generator.num_classes != data.num_classes:
         raise ConfigError(

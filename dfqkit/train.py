@@ -47,7 +47,8 @@ from dfqkit.runs import check_setup, noise_batch, prepare_output_dir, save_sampl
 logger = get_logger(__name__)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-CALIBRATIONS = ("generator", "noise")
+CALIBRATIONS = ("generator", "noise", "final")
+GENERATOR_SCHEDULES = ("multistep", "cosine")
 # GDFQ's optimizers (recipes bind their own through gin's torch.optim configurables)
 GENERATOR_OPTIMIZER = functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0.999))
 STUDENT_OPTIMIZER = functools.partial(
@@ -80,6 +81,8 @@ def train(
     warmup_epochs: int = 4,
     calib_epochs: int = 4,
     calibration: str = "generator",
+    generator_lr_schedule: str = "multistep",
+    generator_lr_warmup_iters: int = 0,
     generator_optimizer: Callable[..., torch.optim.Optimizer] = GENERATOR_OPTIMIZER,
     student_optimizer: Callable[..., torch.optim.Optimizer] = STUDENT_OPTIMIZER,
     lr_milestones: Sequence[int] = (100, 200, 300),
@@ -111,8 +114,16 @@ def train(
         calibration: where the student's activation ranges come from: ``"generator"`` (GDFQ:
             observed on the synthesized batches during the first ``calib_epochs``) or
             ``"noise"`` (the naive reference's ranges, observed on ``naive_batches`` Gaussian
-            noise batches before training; ``calib_epochs`` is then unused). An ablation knob:
-            see docs/results.md for why the source of the ranges matters at 3-bit activations.
+            noise batches before training; ``calib_epochs`` is then unused; an ablation knob:
+            see docs/results.md for why the source of the ranges matters at 3-bit
+            activations), or ``"final"`` (observed on the synthesized batches of the *last*
+            ``calib_epochs`` epochs: PTQ methods such as PSAQ-ViT, which calibrate on their
+            finished images; the student is evaluated only once its ranges exist, and it may
+            train only from then on).
+        generator_lr_schedule: ``"multistep"`` (``lr_milestones``/``lr_gamma``, per epoch) or
+            ``"cosine"`` (per iteration: linear warm-up over ``generator_lr_warmup_iters``,
+            then cosine decay to 0 at the last iteration; PSAQ-ViT's pixel optimizer).
+        generator_lr_warmup_iters: warm-up iterations of the cosine schedule.
         generator_optimizer, student_optimizer: optimizer factories taking parameters.
         lr_milestones, lr_gamma: multi-step schedule (per epoch) applied to both optimizers.
         eval_every: evaluate the student every this many epochs (and after the last).
@@ -140,6 +151,7 @@ def train(
         ("eval_every", eval_every, 1),
         ("warmup_epochs", warmup_epochs, 0),
         ("calib_epochs", calib_epochs, 0),
+        ("generator_lr_warmup_iters", generator_lr_warmup_iters, 0),
         ("naive_batches", naive_batches, 1),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -150,6 +162,18 @@ def train(
         raise cfg.ConfigError(
             "train.early_stopping_patience must be None or an integer >= 1, "
             f"got {early_stopping_patience!r}"
+        )
+    if generator_lr_schedule not in GENERATOR_SCHEDULES:
+        raise cfg.ConfigError(
+            f"train.generator_lr_schedule must be one of {GENERATOR_SCHEDULES}, "
+            f"got {generator_lr_schedule!r}"
+        )
+    if calibration == "final" and warmup_epochs < epochs - calib_epochs:
+        raise cfg.ConfigError(
+            f"train.calibration = 'final' observes ranges in the last calib_epochs={calib_epochs} "
+            f"of epochs={epochs}, so the student cannot train before epoch "
+            f"{epochs - calib_epochs}: set train.warmup_epochs >= {epochs - calib_epochs} "
+            f"(got {warmup_epochs})"
         )
     if calibration not in CALIBRATIONS:
         raise cfg.ConfigError(
@@ -180,6 +204,7 @@ def train(
         losses=losses,
         batch_size=batch_size,
         device=device,
+        trains_student=warmup_epochs < epochs,
     )
     example = noise_batch(data, 2, device)
     for part in (generator, mixer):  # teacher-dependent parts are built before the optimizers
@@ -274,11 +299,10 @@ def train(
         for opt, lrs in zip((o for o in (gen_opt, student_opt) if o), base_lrs, strict=True):
             for group, lr in zip(opt.param_groups, lrs, strict=True):
                 group["lr"] = lr * decay
-        phase = Phase(
-            generator=True,
-            observe=calibration == "generator" and epoch < calib_epochs,
-            student=epoch >= warmup_epochs,
+        observe = (calibration == "generator" and epoch < calib_epochs) or (
+            calibration == "final" and epoch >= epochs - calib_epochs
         )
+        phase = Phase(generator=True, observe=observe, student=epoch >= warmup_epochs)
         set_quant_mode(student, "observe" if phase.observe else "frozen")
         generator.train()
         t0 = time.perf_counter()
@@ -289,7 +313,14 @@ def train(
             disable=not acc.is_local_main_process,
             mininterval=2.0,
         )
-        for _ in bar:
+        cosine = gen_opt is not None and generator_lr_schedule == "cosine"
+        for i in bar:
+            if cosine:
+                factor = _cosine(
+                    state.iterations + i, epochs * iters_per_epoch, generator_lr_warmup_iters
+                )
+                for group, lr in zip(gen_opt.param_groups, base_lrs[0], strict=True):
+                    group["lr"] = lr * factor
             engine.iteration(phase, epoch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -299,7 +330,8 @@ def train(
             sync_quantizers(student)
         scalars = engine.pop_loss_means(iters_per_epoch)
         state.epochs_done = epoch + 1
-        if state.epochs_done % eval_every == 0 or state.epochs_done == epochs:
+        calibrated = calibration != "final" or state.epochs_done > epochs - calib_epochs
+        if calibrated and (state.epochs_done % eval_every == 0 or state.epochs_done == epochs):
             scalars.update(_evaluate_epoch(acc, student, teacher, loaders, state, device))
             if acc.is_main_process:
                 save_samples(
@@ -316,6 +348,13 @@ def train(
     acc.end_training()
     metrics["output_dir"] = str(out)
     return metrics
+
+
+def _cosine(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay from 1 to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def _student_optimizer(factory: Callable[..., torch.optim.Optimizer], student: nn.Module):

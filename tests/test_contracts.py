@@ -46,6 +46,8 @@ def _generator(name):
 
     if name == "RealDataReference":
         return get("generators", name)(data=digits())
+    if name == "PixelBank":
+        return get("generators", name)(data=digits(), num_images=5, jitter=1)
     return get("generators", name)(num_classes=10, image_size=8, channels=1)
 
 

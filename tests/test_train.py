@@ -181,3 +181,40 @@ def test_vit_teacher_runs_without_bns_and_refuses_it(teacher_env, tmp_path, caps
     assert code == 2 and "BNStatsLoss matches batch-norm statistics" in err
     assert "no BatchNorm layer" in err and "Traceback" not in err
     assert not (tmp_path / "bns" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_psaq_vit_is_ptq_calibrated_on_the_final_images(teacher_env, tmp_path):
+    params = ["EPOCHS = 3", "ITERS_PER_EPOCH = 2", "BATCH_SIZE = 4", "train.naive_batches = 2"]
+    out = tmp_path / "psaq"
+    metrics = run(["recipes/mnist/vit_psaq_w4a8.gin"], params, output_dir=out)
+    assert [h["epoch"] for h in metrics["history"]] == [3]  # evaluated once ranges exist
+    # PTQ: the student's float weights never moved (no student step)
+    from safetensors.torch import load_file
+
+    from dfqkit.models.mnist_vit import mnist_vit
+
+    teacher = mnist_vit().state_dict()
+    student = {}
+    for f in (out / "checkpoints" / "epoch-0003").glob("model*.safetensors"):
+        state = load_file(f)
+        if "head.weight" in state:
+            student = state
+    assert student and all(torch.equal(student[k], teacher[k]) for k in teacher)
+
+
+def test_final_calibration_refuses_student_steps_before_it(teacher_env, tmp_path):
+    with pytest.raises(ConfigError, match="set train.warmup_epochs >= 2"):
+        run(
+            ["recipes/mnist/vit_psaq_w4a8.gin"],
+            ["EPOCHS = 3", "train.warmup_epochs = 1"],
+            output_dir=tmp_path / "x",
+        )
+
+
+def test_cosine_schedule():
+    from dfqkit.train import _cosine
+
+    assert _cosine(0, 10, 2) == 0.5 and _cosine(1, 10, 2) == 1.0
+    assert _cosine(2, 10, 2) == 1.0 and _cosine(6, 10, 2) == pytest.approx(0.5)
+    assert _cosine(10, 10, 2) == pytest.approx(0.0)

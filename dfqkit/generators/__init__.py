@@ -2,6 +2,13 @@
 
 from dfqkit.generators.base import Generator, synthesize
 from dfqkit.generators.conditional_generator import ConditionalGenerator
+from dfqkit.generators.pixel_bank import PixelBank
 from dfqkit.generators.real_data_reference import RealDataReference
 
-__all__ = ["ConditionalGenerator", "Generator", "RealDataReference", "synthesize"]
+__all__ = [
+    "ConditionalGenerator",
+    "Generator",
+    "PixelBank",
+    "RealDataReference",
+    "synthesize",
+]
