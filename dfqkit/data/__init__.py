@@ -7,7 +7,16 @@ recipe says ``train.data = @data.mnist5k()``.
 from dfqkit.data.cifar import cifar
 from dfqkit.data.digits import digits
 from dfqkit.data.eval_data import EvalData, TensorImageDataset
-from dfqkit.data.imagenet_folder import imagenet_folder
+from dfqkit.data.imagenet_folder import imagenet_folder, timm_data_config, timm_imagenet_folder
 from dfqkit.data.mnist5k import mnist5k
 
-__all__ = ["EvalData", "TensorImageDataset", "cifar", "digits", "imagenet_folder", "mnist5k"]
+__all__ = [
+    "EvalData",
+    "TensorImageDataset",
+    "cifar",
+    "digits",
+    "imagenet_folder",
+    "mnist5k",
+    "timm_data_config",
+    "timm_imagenet_folder",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -139,3 +140,40 @@ def imagenet_folder(
 
 
 gin.register(imagenet_folder, module="dfqkit.data")
+
+
+def timm_data_config(model: str) -> dict:
+    """Input size, crop ratio, interpolation, mean and std of a timm model, by name (offline:
+    read from timm's registry of pretrained configurations, no download)."""
+    import timm
+
+    base = model.split(".")[0]
+    if not timm.is_model(base):
+        raise ValueError(f"model={model!r} is not a timm model (see timm.list_models())")
+    cfg = timm.models.get_pretrained_cfg(model) or timm.models.get_pretrained_cfg(base)
+    if cfg is None:
+        raise ValueError(f"timm has no data configuration for {model!r}")
+    size = cfg.input_size[-1]
+    return {
+        "image_size": size,
+        "resize": int(math.floor(size / cfg.crop_pct)),
+        "mean": tuple(cfg.mean),
+        "std": tuple(cfg.std),
+        "interpolation": cfg.interpolation if cfg.interpolation in INTERPOLATIONS else "bicubic",
+    }
+
+
+def timm_imagenet_folder(*, root: str, model: str, val: str = "test") -> EvalData:
+    """:func:`imagenet_folder` with the transform of a timm model's own data configuration
+    (input size, ``resize = size / crop_pct``, interpolation, mean, std), e.g. DeiT:
+    224 px, resize 248 (crop 0.9), bicubic, ImageNet mean/std; ViT-B (augreg): mean = std = 0.5.
+
+    Args:
+        root: the folder holding one sub-directory per class.
+        model: the timm model name (optionally with a pretrained tag).
+        val: as in :func:`imagenet_folder`.
+    """
+    return imagenet_folder(root=root, val=val, **timm_data_config(model))
+
+
+gin.register(timm_imagenet_folder, module="dfqkit.data")
