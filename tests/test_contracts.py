@@ -66,6 +66,9 @@ def test_generators_produce_normalized_batches_with_valid_targets(name):
 
 MIXER_EXAMPLES = {  # name -> kwargs (teacher-free settings; bound mixers have own tests)
     "NoMixer": {},
+    "Mixup": {"alpha": 0.5},
+    "ImageOnlyMixup": {"alpha": 0.5},
+    "EmbeddingMixup": {"num_classes": 10, "classes_per_sample": 3, "prob": 0.5},
     "MultiLayerAttentionMixer": {
         "num_classes": 10,
         "levels": 0,
