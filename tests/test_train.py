@@ -218,3 +218,23 @@ def test_cosine_schedule():
     assert _cosine(0, 10, 2) == 0.5 and _cosine(1, 10, 2) == 1.0
     assert _cosine(2, 10, 2) == 1.0 and _cosine(6, 10, 2) == pytest.approx(0.5)
     assert _cosine(10, 10, 2) == pytest.approx(0.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mixer", ["none", "mixup", "embedding", "attention"])
+def test_each_mixer_is_one_binding(teacher_env, tmp_path, mixer):
+    recipe = f"recipes/ablations/mixers_{mixer}_w3a3.gin"
+    metrics = run(
+        [recipe],
+        [
+            *TINY,
+            "mixers.MultiLayerAttentionMixer.dim = 8",
+            "mixers.MultiLayerAttentionMixer.heads = 2",
+            "mixers.MultiLayerAttentionMixer.flow_heads = 2",
+        ],
+        output_dir=tmp_path / mixer,
+    )
+    assert metrics["epochs_done"] == 2
+    lines = [line for line in open(recipe).read().splitlines() if line and not line.startswith("#")]
+    assert lines == ["include 'recipes/mnist/gdfq_w3a3.gin'", lines[1]]
+    assert lines[1].startswith("train.mixer = @mixers.")

@@ -47,7 +47,7 @@ class MultiLayerAttentionMixer(Mixer):
     """Attention over multi-level class embeddings; attention scores are the soft labels.
 
     Args:
-        num_classes: ``K``.
+        num_classes: ``K``; ``None`` takes the generator's when the trainer binds the mixer.
         levels: ``J`` parts of the teacher giving embedding levels (0: one learned table).
         dim: embedding / attention width ``D``.
         heads: attention heads of the mixer (0: random Qimera coefficients instead).
@@ -67,7 +67,7 @@ class MultiLayerAttentionMixer(Mixer):
     def __init__(
         self,
         *,
-        num_classes: int,
+        num_classes: int | None = None,
         levels: int = 3,
         dim: int = 64,
         heads: int = 4,
@@ -81,13 +81,13 @@ class MultiLayerAttentionMixer(Mixer):
         embed_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        self.num_classes = _check_int("num_classes", num_classes, 2)
+        if num_classes is not None:
+            _check_int("num_classes", num_classes, 2)
+        self.num_classes = num_classes
         self.levels = _check_int("levels", levels, 0)
         self.dim = _check_int("dim", dim, 2)
         self.heads = _check_int("heads", heads, 0)
-        self.classes_per_sample = min(
-            _check_int("classes_per_sample", classes_per_sample, 1), num_classes
-        )
+        self._classes_per_sample = _check_int("classes_per_sample", classes_per_sample, 1)
         if not (isinstance(mix_prob, int | float) and 0.0 <= mix_prob <= 1.0):
             raise ValueError(
                 f"MultiLayerAttentionMixer.mix_prob must be in [0, 1], got {mix_prob!r}"
@@ -103,14 +103,13 @@ class MultiLayerAttentionMixer(Mixer):
                     f"MultiLayerAttentionMixer.dim={dim} must be divisible by {name}={h}"
                 )
         num_levels = max(levels, 1)
+        self.embeddings = None
+        self.table = None
         if levels:
-            self.embeddings = LevelEmbeddings(levels, num_classes, dim)
             self.needs = frozenset({"stages"})
             self.stage_parts = levels
-            self.table = None
-        else:
-            self.embeddings = None
-            self.table = nn.Parameter(torch.randn(1, num_classes, dim))
+        if num_classes is not None:
+            self._build_class_parts(num_classes)
         self.token_norm = nn.LayerNorm(dim)
         if heads:
             self.o0 = nn.Parameter(torch.randn(dim) * 0.02)  # O^0, shared across samples
@@ -128,8 +127,20 @@ class MultiLayerAttentionMixer(Mixer):
         self.to_cond: nn.Module = nn.Identity()
 
     # ---- set-up
+    def _build_class_parts(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.classes_per_sample = min(self._classes_per_sample, num_classes)
+        if self.levels:
+            self.embeddings = LevelEmbeddings(self.levels, num_classes, self.dim)
+        else:
+            self.table = nn.Parameter(torch.randn(1, num_classes, self.dim))
+
     def bind(self, *, teacher: nn.Module, generator: nn.Module, example: torch.Tensor) -> None:
         gen = getattr(generator, "module", generator)
+        if self.num_classes is None:
+            self._build_class_parts(gen.num_classes)
+            if self.table is not None:
+                self.table.data = self.table.data.to(example.device)
         if self.embeddings is not None:
             self.embeddings.bind(teacher, example)
             self.embeddings.to(example.device)

@@ -25,14 +25,16 @@ class EmbeddingMixup(Mixer):
     baselines.md §2.3).
 
     Args:
-        num_classes: classes of the generator.
+        num_classes: classes of the generator (``None``: the generator's, at bind time).
         classes_per_sample: ``K`` (capped at ``num_classes``).
         prob: probability that a sample is a superposition.
     """
 
     stage = "cond"
 
-    def __init__(self, *, num_classes: int, classes_per_sample: int = 2, prob: float = 0.4):
+    def __init__(
+        self, *, num_classes: int | None = None, classes_per_sample: int = 2, prob: float = 0.4
+    ):
         super().__init__()
         if (
             isinstance(classes_per_sample, bool)
@@ -46,10 +48,18 @@ class EmbeddingMixup(Mixer):
         if not (isinstance(prob, int | float) and 0.0 <= prob <= 1.0):
             raise ValueError(f"EmbeddingMixup.prob must be in [0, 1], got {prob!r}")
         self.num_classes = num_classes
-        self.k = min(classes_per_sample, num_classes)
+        self._k = classes_per_sample
+        self.k = classes_per_sample if num_classes is None else min(classes_per_sample, num_classes)
         self.prob = float(prob)
 
+    def bind(self, *, teacher: nn.Module, generator: nn.Module, example: torch.Tensor) -> None:
+        if self.num_classes is None:
+            self.num_classes = getattr(generator, "module", generator).num_classes
+            self.k = min(self._k, self.num_classes)
+
     def forward(self, batch: SynthBatch, generator: nn.Module) -> SynthBatch:
+        if self.num_classes is None:
+            raise RuntimeError("EmbeddingMixup is not bound: the trainer calls bind() first")
         labels, z = batch.labels, batch.z
         b, device = labels.shape[0], labels.device
         scores = torch.rand(b, self.num_classes, device=device)
