@@ -67,6 +67,8 @@ class Engine:
         self.gen_losses = [loss for loss in losses if loss.side == "generator"]
         self.student_losses = [loss for loss in losses if loss.side == "student"]
         self.gen_opt, self.student_opt = generator_optimizer, student_optimizer
+        self.student_in_gen_step = any(loss.needs_student for loss in self.gen_losses)
+        self._student_params = [p for p in student.parameters() if p.requires_grad]
         self.batch_size = batch_size
         mixer_module = getattr(mixer, "module", mixer)
         self.mixer_module = mixer_module
@@ -124,6 +126,13 @@ class Engine:
                 torch.cuda.synchronize(self.acc.device)
             marks.append(time.perf_counter())
 
+    def _student_for_generator(self, images: torch.Tensor) -> torch.Tensor:
+        """Student logits for a generator-side loss: differentiable in the images, no weight
+        gradients (the unwrapped module, so DDP sees no extra forward)."""
+        student = self.acc.unwrap_model(self.student)
+        with _no_grad_params(self._student_params):
+            return student(images)
+
     def iteration(self, phase: Phase, epoch: int, marks: list[float] | None = None) -> None:
         """One iteration; with ``marks`` (a list, benchmarking only) appends three timestamps:
         start, end of the generator step, end of the student step."""
@@ -136,8 +145,17 @@ class Engine:
                 with self.teacher_taps:
                     teacher_logits = self.teacher(batch.images)
                 teacher_taps = self.teacher_taps.collect()
+                student_logits = None
+                if train_gen and self.student_in_gen_step:
+                    student_logits = self._student_for_generator(batch.images)
                 if train_gen:
-                    step = Step(batch, teacher_logits, teacher_taps=teacher_taps, epoch=epoch)
+                    step = Step(
+                        batch,
+                        teacher_logits,
+                        student_logits,
+                        teacher_taps=teacher_taps,
+                        epoch=epoch,
+                    )
                     gen_loss = self._total(self.gen_losses, step, "gen")
                     aux = self.mixer_module.aux_loss(step)
                     if aux is not None:
@@ -174,10 +192,28 @@ class Engine:
             self.student_opt.zero_grad(set_to_none=True)
             acc.backward(student_loss)
             self.student_opt.step()
-        elif phase.observe:
+        elif phase.observe and not (train_gen and self.student_in_gen_step):
+            # (a generator step that ran the student has observed this batch already)
             with torch.no_grad(), acc.autocast():
                 self.student(batch.images)
         self._mark(marks)
+
+
+def _no_grad_params(params: list[nn.Parameter]):
+    """Context: ``params`` do not require gradients inside (restored afterwards)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    return ctx()
 
 
 def _all_reduce_grads(module: nn.Module) -> None:

@@ -23,7 +23,7 @@ def _teacher():
     ).eval()
 
 
-def _engine():
+def _engine(losses=None):
     teacher = _teacher().requires_grad_(False)
     student = (
         quantize_(_teacher(), QuantConfig(w_bits=4, a_bits=4), torch.zeros(2, 1, 8, 8))
@@ -31,7 +31,8 @@ def _engine():
         .eval()
     )
     gen = ConditionalGenerator(num_classes=3, image_size=8, channels=1, latent_dim=4, width=8)
-    losses = [SoftTargetCE(), BNStatsLoss(weight=0.1), KDLoss(), SoftTargetCE(side="student")]
+    if losses is None:
+        losses = [SoftTargetCE(), BNStatsLoss(weight=0.1), KDLoss(), SoftTargetCE(side="student")]
     engine = Engine(
         accelerator=Accelerator(cpu=True),
         teacher=teacher,
@@ -92,3 +93,23 @@ def test_loss_means_average_over_iterations():
     engine._accumulate("loss/x", torch.tensor(1.0))
     engine._accumulate("loss/x", torch.tensor(3.0))
     assert engine.pop_loss_means(2) == {"loss/x": 2.0}
+
+
+def test_a_loss_reading_the_student_in_the_generator_step():
+    from dfqkit.losses import AdaptiveMarginLoss, DifferenceEntropyLoss
+
+    engine, teacher, student, gen = _engine([AdaptiveMarginLoss(), DifferenceEntropyLoss()])
+    assert engine.student_in_gen_step
+    set_quant_mode(student, "observe")
+    s0, g0 = _params(student), _params(gen)
+    engine.iteration(Phase(generator=True, observe=True, student=False), epoch=0)
+    # the generator trained through the student's logits; the student's weights did not move,
+    # got no gradient, and its observers saw the batch once (not again in an observe forward)
+    assert any(not torch.equal(a, b) for a, b in zip(g0, _params(gen), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(s0, _params(student), strict=True))
+    assert all(p.grad is None for p in student.parameters())
+    assert all(p.requires_grad for p in student.parameters())
+    assert all(int(q.num_updates) == 1 for q in act_quantizers(student))
+    set_quant_mode(student, "frozen")
+    engine.iteration(Phase(generator=True, observe=False, student=True), epoch=1)
+    assert any(not torch.equal(a, b) for a, b in zip(s0, _params(student), strict=True))

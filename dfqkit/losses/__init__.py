@@ -1,5 +1,6 @@
 """Losses: one file per loss; each declares its side and the taps it reads."""
 
+from dfqkit.losses.adasg import AdaptiveMarginLoss, DifferenceEntropyLoss
 from dfqkit.losses.base import Loss
 from dfqkit.losses.bn_stats import BNStatsLoss
 from dfqkit.losses.kd import KDLoss
@@ -10,6 +11,8 @@ from dfqkit.losses.soft_target_ce import SoftTargetCE
 from dfqkit.losses.tv_prior import TVPrior
 
 __all__ = [
+    "AdaptiveMarginLoss",
+    "DifferenceEntropyLoss",
     "BNStatsLoss",
     "KDLoss",
     "Loss",

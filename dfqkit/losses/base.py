@@ -30,6 +30,9 @@ class Loss(nn.Module, abc.ABC):
     needs: ClassVar[frozenset[str]] = frozenset()
     needs_student_taps: ClassVar[frozenset[str]] = frozenset()
     requires_bn: ClassVar[bool] = False
+    #: a generator-side loss that reads the student's logits on the (non-detached) batch; the
+    #: engine then runs the student in the generator step (its weights get no gradient there)
+    needs_student: ClassVar[bool] = False
 
     def __init__(self, *, weight: float = 1.0, side: str | None = None) -> None:
         super().__init__()
