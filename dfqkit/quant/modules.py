@@ -61,6 +61,8 @@ class QuantConv2d(nn.Conv2d):
         new.weight = module.weight
         new.bias = module.bias
         new.weight_quant = weight_quant
+        # lets optimizers that look at integer codes (AIT's gradient inundation) find it
+        new.weight._dfqkit_quantizer = weight_quant
         new.input_quant = input_quant
         return new.train(module.training)
 
@@ -103,6 +105,8 @@ class QuantLinear(nn.Linear):
         new.weight = module.weight
         new.bias = module.bias
         new.weight_quant = weight_quant
+        # lets optimizers that look at integer codes (AIT's gradient inundation) find it
+        new.weight._dfqkit_quantizer = weight_quant
         new.input_quant = input_quant
         return new.train(module.training)
 
