@@ -1,0 +1,114 @@
+"""Qimera's generator: class embeddings added to the noise and normalised, GDFQ's decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dfqkit.generators.conditional_generator import ConditionalGenerator
+from dfqkit.registry import register
+from dfqkit.step import SynthBatch
+
+EMBEDDING_INITS = ("teacher", "random")
+
+
+def classifier_layer(teacher: nn.Module, num_classes: int) -> nn.Linear:
+    """The teacher's final ``nn.Linear`` producing ``num_classes`` logits."""
+    found = [m for m in teacher.modules() if isinstance(m, nn.Linear)]
+    found = [m for m in found if m.out_features == num_classes]
+    if not found:
+        raise ValueError(
+            f"{type(teacher).__name__} has no nn.Linear with {num_classes} outputs to "
+            "initialise the class embeddings from; use embedding_init='random'"
+        )
+    return found[-1]
+
+
+@register("generators")
+class QimeraGenerator(ConditionalGenerator):
+    """GDFQ's decoder fed with ``BN1d(Emb(y) + noise_scale · z)`` (non-affine, batch statistics).
+
+    The class embedding has the width of the teacher's classifier input and is by default
+    initialised from the teacher's classifier weight rows (``embedding_init="teacher"``,
+    optionally frozen); an optional "disentanglement mapping" ``Linear(latent_dim, 100)`` sits
+    before the decoder. With :class:`~dfqkit.mixers.EmbeddingMixup` a mixed sample's input is
+    ``Σ_k λ_k · embed(y_k, z_k)``; with ``conditioning="cbn"`` (ImageNet) the conditional BN
+    layers are driven by the soft targets ``Σ_k λ_k onehot(y_k)``.
+
+    Reference: Choi et al., "Qimera", NeurIPS 2021 (baselines.md §2.3: latent 64 CIFAR, 512
+    ResNet-18, 2048 ResNet-50, 1280 MobileNetV2; the mapping is off by default in the official
+    scripts because of its inverted ``--no_DM`` flag).
+
+    Args:
+        num_classes, image_size, channels, bn_eps, width: as :class:`ConditionalGenerator`.
+        latent_dim: width of the embedding and of ``z`` (the teacher's classifier input width
+            when ``embedding_init="teacher"``).
+        conditioning: ``"embed"`` (the embedding carries the class) or ``"cbn"`` (also
+            categorical conditional BN in the decoder).
+        embedding_init: ``"teacher"`` (classifier weight rows, at bind time) or ``"random"``.
+        freeze_embedding: keep the embedding fixed.
+        mapping: add the ``Linear(latent_dim, 100)`` mapping before the decoder.
+        noise_scale: multiplies ``z`` before it is added to the embedding.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        image_size: int = 32,
+        channels: int = 3,
+        latent_dim: int = 64,
+        conditioning: str = "embed",
+        embedding_init: str = "teacher",
+        freeze_embedding: bool = False,
+        mapping: bool = False,
+        noise_scale: float = 1.0,
+        bn_eps: float = 0.8,
+        width: int = 128,
+    ) -> None:
+        if conditioning not in ("embed", "cbn"):
+            raise ValueError(f"conditioning must be 'embed' or 'cbn', got {conditioning!r}")
+        if embedding_init not in EMBEDDING_INITS:
+            raise ValueError(
+                f"embedding_init must be one of {EMBEDDING_INITS}, got {embedding_init!r}"
+            )
+        decoder_in = 100 if mapping else latent_dim
+        super().__init__(
+            num_classes=num_classes,
+            image_size=image_size,
+            channels=channels,
+            latent_dim=decoder_in,
+            conditioning="cbn" if conditioning == "cbn" else "embed_mul",
+            bn_eps=bn_eps,
+            width=width,
+        )
+        self.latent_dim = latent_dim  # the width of z and of the embedding
+        self.qimera_conditioning = conditioning
+        self.label_emb = nn.Embedding(num_classes, latent_dim)
+        self.label_emb.weight.requires_grad_(not freeze_embedding)
+        self.embedding_init = embedding_init
+        self.input_norm = nn.BatchNorm1d(latent_dim, affine=False, track_running_stats=False)
+        self.mapping = nn.Linear(latent_dim, 100) if mapping else nn.Identity()
+        self.noise_scale = float(noise_scale)
+        self._initialised = embedding_init == "random"
+
+    def bind(self, *, teacher: nn.Module, generator: nn.Module, example: torch.Tensor) -> None:
+        """Copy the teacher's classifier weight rows into the embedding (``"teacher"`` init)."""
+        if self._initialised:
+            return
+        fc = classifier_layer(teacher, self.num_classes)
+        if fc.in_features != self.latent_dim:
+            raise ValueError(
+                f"QimeraGenerator.latent_dim={self.latent_dim} must equal the teacher "
+                f"classifier's input width ({fc.in_features}) to initialise the embeddings from "
+                "it; set latent_dim to it or embedding_init='random'"
+            )
+        with torch.no_grad():
+            self.label_emb.weight.copy_(fc.weight.detach().to(self.label_emb.weight.device))
+        self._initialised = True
+
+    def embed(self, labels: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.input_norm(self.label_emb(labels) + self.noise_scale * z)
+
+    def decode(self, batch: SynthBatch) -> torch.Tensor:
+        return super().decode(batch.replace(cond=self.mapping(batch.cond)))

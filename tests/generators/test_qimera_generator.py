@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from dfqkit.generators import QimeraGenerator, synthesize
+from dfqkit.mixers import EmbeddingMixup, NoMixer
+from dfqkit.models.mnist_resnet import mnist_resnet
+
+
+def test_embeddings_start_from_the_teachers_classifier_rows():
+    teacher = mnist_resnet(weights=None)
+    gen = QimeraGenerator(num_classes=10, image_size=28, channels=1, latent_dim=64)
+    gen.bind(teacher=teacher, generator=gen, example=torch.zeros(2, 1, 28, 28))
+    torch.testing.assert_close(gen.label_emb.weight, teacher.output.weight)
+    wrong = QimeraGenerator(num_classes=10, image_size=28, channels=1, latent_dim=32)
+    with pytest.raises(ValueError, match="latent_dim=32 must equal the teacher classifier's"):
+        wrong.bind(teacher=teacher, generator=wrong, example=torch.zeros(2, 1, 28, 28))
+
+
+def test_input_is_the_batch_normalised_sum_of_embedding_and_noise():
+    torch.manual_seed(0)
+    gen = QimeraGenerator(
+        num_classes=10,
+        image_size=8,
+        channels=1,
+        latent_dim=6,
+        embedding_init="random",
+        noise_scale=0.5,
+    )
+    labels, z = torch.randint(0, 10, (16,)), torch.randn(16, 6)
+    x = gen.label_emb(labels) + 0.5 * z
+    want = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
+    torch.testing.assert_close(gen.embed(labels, z), want, rtol=1e-4, atol=1e-4)
+
+
+def test_mapping_cbn_and_embedding_mixup_run():
+    torch.manual_seed(0)
+    gen = QimeraGenerator(
+        num_classes=10,
+        image_size=8,
+        channels=1,
+        latent_dim=6,
+        embedding_init="random",
+        mapping=True,
+        conditioning="cbn",
+        freeze_embedding=True,
+    )
+    assert gen.l1.in_features == 100 and not gen.label_emb.weight.requires_grad
+    mixer = EmbeddingMixup(num_classes=10, classes_per_sample=3, prob=1.0)
+    batch = synthesize(gen, mixer, 8, torch.device("cpu"))
+    assert batch.images.shape == (8, 1, 8, 8) and batch.cond.shape == (8, 6)
+    assert synthesize(gen, NoMixer(), 4, torch.device("cpu")).images.shape == (4, 1, 8, 8)
