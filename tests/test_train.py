@@ -238,3 +238,14 @@ def test_each_mixer_is_one_binding(teacher_env, tmp_path, mixer):
     lines = [line for line in open(recipe).read().splitlines() if line and not line.startswith("#")]
     assert lines == ["include 'recipes/mnist/gdfq_w3a3.gin'", lines[1]]
     assert lines[1].startswith("train.mixer = @mixers.")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method", ["qimera", "qimera_plugin", "gdfq_plugin", "adasg", "adadfq", "ait"]
+)
+def test_offline_method_recipes_run(teacher_env, tmp_path, method):
+    params = [p for p in TINY if not p.startswith("LATENT_DIM")]
+    metrics = run([f"recipes/mnist/{method}_w4a4.gin"], params, output_dir=tmp_path / method)
+    assert metrics["epochs_done"] == 2
+    assert 0.0 <= metrics["last"]["test_top1"] <= 100.0
