@@ -1,0 +1,193 @@
+"""Export a run's quantized student: integer weights with their scales, loadable again.
+
+    python -m dfqkit.export --run DIR [--format safetensors] [--out FILE]
+
+The ``safetensors`` file holds, for every quantized conv/linear layer ``L``:
+``L.weight.codes`` (int8 integer codes ``q``), ``L.weight.scale`` and ``L.weight.zero_point``
+(fp32, per output channel; the weight is ``scale · (q + zero_point)``, Eq. 14; symmetric
+quantizers have zero point 0); every other tensor of the student's state dict as it is (biases,
+BN statistics, and each activation quantizer's ``lo``/``hi`` range with its bit width in the
+metadata). The metadata also carries the run's operative gin configuration, the recipe, the
+input shape and the per-layer bit widths, so :func:`load_quantized` rebuilds the student
+without the run directory, the teacher's checkpoint or the data: its logits equal the
+fake-quantized student's exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import gin
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from dfqkit import config as cfg
+from dfqkit.quant import act_quantizers, quantize_, set_quant_mode
+from dfqkit.quant.modules import QuantConv2d, QuantLinear
+
+FORMAT = "dfqkit.quantized.v1"
+
+
+class FrozenWeightQuantizer(nn.Module):
+    """The weight quantizer of a loaded export: the layer's weight *is* the dequantized value
+    ``scale · (q + zero_point)``, so the forward is the identity; :meth:`codes` recovers ``q``."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("zero_point", zero_point.float())
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q = (w.detach().float() / self.scale - self.zero_point).round()
+        return q, self.scale, self.zero_point
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+def _weight_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = layer.weight_quant.codes(layer.weight)
+    if len(out) == 2:  # symmetric: (q, scale), zero point 0
+        q, scale = out
+        return q, scale, torch.zeros_like(scale)
+    return out
+
+
+def quantized_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The export's tensors and per-layer description of a (fake-)quantized student."""
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    replaced: set[str] = set()
+    for name, module in student.named_modules():
+        if isinstance(module, QuantConv2d | QuantLinear):
+            q, scale, zero_point = _weight_codes(module)
+            tensors[f"{name}.weight.codes"] = q.to(torch.int8).contiguous()
+            tensors[f"{name}.weight.scale"] = scale.float().contiguous()
+            tensors[f"{name}.weight.zero_point"] = zero_point.float().contiguous()
+            layers[name] = {"kind": type(module).__name__, "bits": module.weight_quant.bits}
+            replaced.add(f"{name}.weight")
+    for name, value in student.state_dict().items():
+        if name in replaced or ".weight_quant." in name:
+            continue
+        tensors[name] = value.detach().cpu().contiguous()
+    for name, module in student.named_modules():
+        if module in act_quantizers(student):
+            layers[name] = {"kind": "activation", "bits": module.bits}
+    return tensors, layers
+
+
+def export_safetensors(run_dir: Path, out: Path | None = None) -> Path:
+    """Write ``run_dir``'s student (newest checkpoint) as a quantized safetensors file."""
+    from dfqkit.train import train
+
+    run_dir = Path(run_dir)
+    for required in ("config.gin", "operative_config.gin"):
+        if not (run_dir / required).is_file():
+            raise cfg.ConfigError(f"--run {str(run_dir)!r} has no {required}: not a dfqkit run")
+    cfg.parse([run_dir / "config.gin"])
+    image_size, channels = cfg.macro_value("IMAGE_SIZE"), cfg.macro_value("CHANNELS")
+    parts = train(output_dir=run_dir, resume=True, inspect=True)
+    if parts["epochs_done"] == 0:
+        raise cfg.ConfigError(f"--run {str(run_dir)!r} has no complete checkpoint to export")
+    student = getattr(parts["student"], "module", parts["student"]).cpu().eval()
+    set_quant_mode(student, "frozen")
+    tensors, layers = quantized_tensors(student)
+    metadata = {
+        "format": FORMAT,
+        "operative_config": (run_dir / "operative_config.gin").read_text(),
+        "input_shape": json.dumps([channels, image_size, image_size]),
+        "layers": json.dumps(layers),
+        "epochs_done": str(parts["epochs_done"]),
+    }
+    out = Path(out) if out is not None else run_dir / "student_quantized.safetensors"
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def _build_float_model_and_config():
+    teacher_ref = gin.query_parameter("train.teacher")
+    with gin.unlock_config():
+        gin.bind_parameter(f"{teacher_ref.configurable.name}.weights", None)
+    model = copy.deepcopy(teacher_ref)  # gin evaluates a reference when it is deep-copied
+    quant = copy.deepcopy(gin.query_parameter("train.quant"))
+    return model, quant
+
+
+def load_quantized(path: str | Path) -> nn.Module:
+    """Rebuild the quantized student of an export (activation ranges frozen, eval mode).
+
+    Clears and reuses gin's global configuration while building (the export's operative
+    configuration is parsed); the caller's gin bindings are not kept.
+    """
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a dfqkit quantized export (format {FORMAT})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    cfg._register_configurables()
+    gin.clear_config()
+    try:
+        gin.parse_config(meta["operative_config"])
+        model, quant = _build_float_model_and_config()
+    finally:
+        gin.clear_config()
+    shape = json.loads(meta["input_shape"])
+    student = quantize_(model, quant, torch.zeros(2, *shape))
+    layers = json.loads(meta["layers"])
+    state = {}
+    for name, module in student.named_modules():
+        if name in layers and layers[name]["kind"] in ("QuantConv2d", "QuantLinear"):
+            q = tensors.pop(f"{name}.weight.codes").float()
+            scale = tensors.pop(f"{name}.weight.scale")
+            zero_point = tensors.pop(f"{name}.weight.zero_point")
+            state[f"{name}.weight"] = (q + zero_point) * scale
+            module.weight_quant = FrozenWeightQuantizer(scale, zero_point, layers[name]["bits"])
+    state.update(tensors)
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    missing = [k for k in missing if ".weight_quant." not in k]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match the rebuilt student: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    set_quant_mode(student, "frozen")
+    return student.eval()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dfqkit.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--run", required=True, type=Path, help="a run directory")
+    parser.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
+    parser.add_argument("--out", type=Path, default=None, help="output file")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = parser.parse_args(argv)
+    try:
+        if args.format == "onnx":
+            from dfqkit.export_onnx import export_onnx
+
+            out = export_onnx(args.run, args.out)
+        else:
+            out = export_safetensors(args.run, args.out)
+    except (cfg.ConfigError, ValueError, FileNotFoundError, ImportError) as err:
+        if args.debug:
+            raise
+        print(f"dfqkit.export: error: {cfg.one_line(err)}", file=sys.stderr)
+        return 2
+    print(f"exported {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
