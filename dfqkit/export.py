@@ -46,6 +46,10 @@ class FrozenWeightQuantizer(nn.Module):
         self.register_buffer("zero_point", zero_point.float())
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        from dfqkit.quant.functional import _ONNX_EXPORT, qdq
+
+        if _ONNX_EXPORT[0]:  # ONNX: the weight again as QDQ of its codes
+            return qdq(w, self.scale, self.zero_point, self.bits)
         return w
 
     def codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

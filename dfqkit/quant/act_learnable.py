@@ -138,7 +138,9 @@ class LearnableClipActQuantizer(EMAActQuantizer):
         self.grad_scale = bool(grad_scale)
 
     def _quantize(self, x: Tensor) -> Tensor:
-        if self.mode == "observe":  # ranges come from the observer, not from gradients
+        from dfqkit.quant.functional import _ONNX_EXPORT
+
+        if self.mode == "observe" or _ONNX_EXPORT[0]:  # observer ranges / ONNX: plain Eq. 14
             return super()._quantize(x)
         return learnable_fake_quant(x, self.lo, self.hi, self.bits, grad_scale=self.grad_scale)
 

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from dfqkit import config as cfg
+from dfqkit.export_onnx import export_model_onnx
+from dfqkit.quant import act_quantizers, set_quant_mode
+from dfqkit.quant.modules import QuantConv2d, QuantLinear
+from dfqkit.train import run, train
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+TINY = [
+    "EPOCHS = 2",
+    "ITERS_PER_EPOCH = 2",
+    "BATCH_SIZE = 8",
+    "train.warmup_epochs = 1",
+    "train.calib_epochs = 1",
+    "train.naive_batches = 2",
+    "LATENT_DIM = 8",
+    "generators.ConditionalGenerator.width = 16",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [("4", "4"), ("3", "3")])
+def test_onnx_qdq_export_agrees_with_the_student_on_the_test_split(teacher_env, tmp_path, bits):
+    run_dir = tmp_path / "run"
+    run(
+        ["recipes/mnist/gdfq_w4a4.gin"],
+        [*TINY, f"W_BITS = {bits[0]}", f"A_BITS = {bits[1]}"],
+        output_dir=run_dir,
+    )
+    cfg.parse([run_dir / "config.gin"])
+    parts = train(output_dir=run_dir, resume=True, inspect=True)
+    student = getattr(parts["student"], "module", parts["student"]).eval()
+    set_quant_mode(student, "frozen")
+    path = export_model_onnx(student, torch.zeros(1, 1, 28, 28), tmp_path / "s.onnx")
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    n_weights = sum(isinstance(m, QuantConv2d | QuantLinear) for m in student.modules())
+    n_acts = len(act_quantizers(student))
+    assert ops.count("QuantizeLinear") == ops.count("DequantizeLinear") == n_weights + n_acts
+    assert ops.count("Clip") >= n_weights + n_acts  # the k-bit range inside the int8 container
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    agree = total = 0
+    max_diff = 0.0
+    for images, _ in parts["data"].loader("test", 256):
+        with torch.no_grad():
+            want = student(images)
+        got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+        agree += (got.argmax(1) == want.argmax(1)).sum().item()
+        total += len(images)
+        max_diff = max(max_diff, (got - want).abs().max().item())
+    assert total == 1500 and agree / total >= 0.995, (agree, total, max_diff)
