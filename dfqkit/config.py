@@ -53,6 +53,7 @@ def _register_configurables() -> None:
         warnings.simplefilter("ignore")
         import gin.torch.external_configurables  # noqa: F401  (torch.optim.* bindings)
 
+    import dfqkit.api  # noqa: F401  (gin-registers the models handed to dfqkit.quantize)
     import dfqkit.data  # noqa: F401  (gin-registers the datasets)
     import dfqkit.optim  # noqa: F401  (gin-registers optimizers beyond torch.optim)
     import dfqkit.train  # noqa: F401  (gin-registers the root `train`)

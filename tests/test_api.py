@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dfqkit
+from dfqkit.quant import act_quantizers
+
+SMALL = dict(epochs=2, iters_per_epoch=2, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b", "c"):
+        (root / cls).mkdir()
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                root / cls / f"{i}.png"
+            )
+    return root
+
+
+@pytest.mark.slow
+def test_quantize_a_small_timm_model_with_its_own_data_config(folder, tmp_path):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=3).eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32)}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    student = dfqkit.quantize(
+        model,
+        method="gdfq",
+        w_bits=4,
+        a_bits=4,
+        data=folder,
+        output_dir=tmp_path / "run",
+        gin_params=[
+            "train.warmup_epochs = 1",
+            "train.calib_epochs = 1",
+            "train.naive_batches = 1",
+            "generators.ConditionalGenerator.width = 16",
+        ],
+        **SMALL,
+    )
+    assert act_quantizers(student) and all(q.mode == "frozen" for q in act_quantizers(student))
+    assert (tmp_path / "run" / "metrics.json").is_file() and student.run_dir == str(
+        tmp_path / "run"
+    )
+    with torch.no_grad():
+        assert student(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+
+
+def test_missing_input_config_and_unknown_method_are_named(folder):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    with pytest.raises(ValueError, match="image_size, mean, std not given"):
+        dfqkit.quantize(model, data=folder)
+    with pytest.raises(ValueError, match="method='gdfg' is no method family"):
+        dfqkit.quantize(
+            model, method="gdfg", data=folder, image_size=8, mean=(0.5,) * 3, std=(0.5,) * 3
+        )
+    with pytest.raises(ValueError, match="data is required"):
+        dfqkit.quantize(model)
