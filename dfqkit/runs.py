@@ -115,6 +115,38 @@ def save_samples(batch: SynthBatch | None, data, path: Path, *, max_images: int 
     save_image((images * std + mean).clamp(0, 1), path, nrow=8)
 
 
+def log_media(acc, teacher: nn.Module, batch: SynthBatch | None, data, step: int) -> None:
+    """Log the sample grid to every tracker that takes images, and the teacher's activation
+    histograms on that batch to trackers with a TensorBoard-style ``writer``."""
+    if batch is None or batch.images is None:
+        return
+    from torchvision.utils import make_grid
+
+    from dfqkit.taps import Taps
+
+    images = batch.images[:64].detach().float().cpu()
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1)
+    std = torch.tensor(data.std).view(1, -1, 1, 1)
+    grid = make_grid((images * std + mean).clamp(0, 1), nrow=8)
+    taps = None
+    for tracker in acc.trackers:
+        if hasattr(tracker, "log_images"):
+            try:
+                tracker.log_images({"samples": grid[None]}, step=step)
+            except (TypeError, ValueError, NotImplementedError):
+                pass
+        writer = getattr(tracker, "writer", None)
+        if writer is not None and hasattr(writer, "add_histogram"):
+            if taps is None:
+                taps = Taps(teacher, {"activations"})
+                with torch.no_grad(), taps:
+                    teacher(batch.images)
+                acts = taps.collect()["activations"]
+                taps.remove()
+            for i, a in enumerate(acts):
+                writer.add_histogram(f"teacher_activations/{i:02d}", a.float().cpu(), step)
+
+
 def summarize(state, *, recipe: str, seed: int, quant, resumed_from: int | None) -> dict[str, Any]:
     """The ``metrics.json`` content (DESIGN.md names these fields; scripts rely on them)."""
     history = state.history

@@ -42,7 +42,14 @@ from dfqkit.quant import (
     set_quant_mode,
     sync_quantizers,
 )
-from dfqkit.runs import check_setup, noise_batch, prepare_output_dir, save_samples, summarize
+from dfqkit.runs import (
+    check_setup,
+    log_media,
+    noise_batch,
+    prepare_output_dir,
+    save_samples,
+    summarize,
+)
 
 logger = get_logger(__name__)
 
@@ -98,6 +105,7 @@ def train(
     recipe: str = "",
     benchmark: tuple[int, int] | None = None,
     inspect: bool = False,
+    trackers: Sequence[str] | str | None = "auto",
 ) -> dict[str, Any]:
     """Run one DFQ experiment and return its metrics (also written to ``metrics.json``).
 
@@ -139,6 +147,12 @@ def train(
         benchmark: ``(warmup, iterations)``: instead of training, time that many steady-state
             iterations (generator and student step) after ``warmup`` calibrating ones, and
             return the timings (used by ``python -m dfqkit.bench speed``).
+        trackers: Accelerate trackers for ``accelerator.log`` (``"tensorboard"``, ``"wandb"``,
+            ...); ``"auto"``: TensorBoard when it is installed, else none; ``None`` or ``[]``:
+            none. Scalars every epoch; at each evaluation the grid of synthesized samples and,
+            where the tracker supports it (TensorBoard), histograms of the teacher's activation
+            values on that batch. Logs live under ``OUTPUT_DIR/logs``; the run directory stays
+            the source of truth.
         inspect: build everything, load the newest checkpoint of ``output_dir`` (with
             ``resume``), and return the parts instead of training (``teacher``, ``generator``,
             ``mixer``, ``student``, ``data``, ``device``, ``epochs_done``; used by
@@ -190,7 +204,19 @@ def train(
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     # a process may run several trainings (bench, tests, notebooks): each sets its own precision
     AcceleratorState._reset_state()
-    acc = Accelerator(mixed_precision=mixed_precision, project_dir=str(out), kwargs_handlers=[ddp])
+    log_with = _resolve_trackers(trackers)
+    acc = Accelerator(
+        mixed_precision=mixed_precision,
+        project_dir=str(out),
+        kwargs_handlers=[ddp],
+        log_with=log_with or None,
+    )
+    if log_with and not inspect and benchmark is None:
+        acc.project_configuration.logging_dir = str(out / "logs")
+        acc.init_trackers(
+            "dfqkit",
+            config={"recipe": recipe, "seed": seed, "epochs": epochs, "batch_size": batch_size},
+        )
     device = acc.device
 
     # ---- build and check everything before any training step
@@ -337,6 +363,8 @@ def train(
                 save_samples(
                     engine.last_batch, data, out / "samples" / f"epoch_{epoch + 1:04d}.png"
                 )
+                if log_with:
+                    log_media(acc, teacher, engine.last_batch, data, state.epochs_done)
         acc.log(scalars, step=state.epochs_done)
         ckpt.save_checkpoint(acc, out, state.epochs_done, keep=checkpoint_keep)
 
@@ -348,6 +376,25 @@ def train(
     acc.end_training()
     metrics["output_dir"] = str(out)
     return metrics
+
+
+def _resolve_trackers(trackers: Sequence[str] | str | None) -> list[str]:
+    if trackers is None:
+        return []
+    if trackers == "auto":
+        import importlib.util
+
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    names = [trackers] if isinstance(trackers, str) else list(trackers)
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    unknown = [n for n in names if n not in LOGGER_TYPE_TO_CLASS]
+    if unknown:
+        raise cfg.ConfigError(
+            f"train.trackers: unknown tracker(s) {unknown}; Accelerate knows "
+            f"{sorted(LOGGER_TYPE_TO_CLASS)}"
+        )
+    return names
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:

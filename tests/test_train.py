@@ -249,3 +249,26 @@ def test_offline_method_recipes_run(teacher_env, tmp_path, method):
     metrics = run([f"recipes/mnist/{method}_w4a4.gin"], params, output_dir=tmp_path / method)
     assert metrics["epochs_done"] == 2
     assert 0.0 <= metrics["last"]["test_top1"] <= 100.0
+
+
+@pytest.mark.slow
+def test_trackers_log_scalars_samples_and_histograms(teacher_env, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    run([RECIPE], [*TINY, "train.trackers = ['tensorboard']"], output_dir=out)
+    events = list((out / "logs").rglob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "histograms": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "eval/val_top1" in tags["scalars"] and "loss/gen/SoftTargetCE" in tags["scalars"]
+    assert "samples" in tags["images"]
+    assert any(t.startswith("teacher_activations/") for t in tags["histograms"])
+    assert [e.step for e in acc.Scalars("eval/val_top1")] == [1, 2]
+
+
+def test_unknown_tracker_is_named(teacher_env, tmp_path):
+    with pytest.raises(ConfigError, match="unknown tracker"):
+        run([RECIPE], [*TINY, "train.trackers = ['tensorbored']"], output_dir=tmp_path / "x")
