@@ -1,4 +1,9 @@
-"""``python -m dfqkit.list [KIND]``: every registered component with its one-line description."""
+"""``python -m dfqkit.list [KIND] [--markdown]``: every registered component, one line each.
+
+``--markdown`` prints ``docs/components.md`` (a test keeps that file equal to this output):
+
+    python -m dfqkit.list --markdown > docs/components.md
+"""
 
 from __future__ import annotations
 
@@ -20,10 +25,47 @@ def format_components(kind: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def components_markdown() -> str:
+    """The text of ``docs/components.md``, generated from the registries."""
+    import inspect
+
+    from dfqkit.registry import KINDS
+
+    out = [
+        "# Components",
+        "",
+        "Generated from the registries by `python -m dfqkit.list --markdown > docs/components.md`",
+        "(a test fails when this file is stale). In gin, a component is `@<kind>.<Name>`, e.g.",
+        "`@losses.BNStatsLoss()`; its arguments are bindings `<kind>.<Name>.<arg> = value`.",
+    ]
+    for kind in KINDS:
+        entries = list_components(kind)
+        out += [
+            "",
+            f"## {kind}",
+            "",
+            "| gin | arguments | description | defined in |",
+            "|---|---|---|---|",
+        ]
+        for e in entries:
+            try:
+                params = inspect.signature(e.obj).parameters.values()
+                args = ", ".join(p.name for p in params if p.name not in ("self", "args", "kwargs"))
+            except (TypeError, ValueError):
+                args = ""
+            module = e.where.split(":")[0]
+            out.append(f"| `@{kind}.{e.name}` | {args} | {e.summary} | `{module}` |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dfqkit.list", description=__doc__.split("\n")[0])
     parser.add_argument("kind", nargs="?", default=None, help=f"one of {', '.join(KINDS)}")
+    parser.add_argument("--markdown", action="store_true", help="print docs/components.md")
     args = parser.parse_args(argv)
+    if args.markdown:
+        sys.stdout.write(components_markdown())
+        return 0
     try:
         sys.stdout.write(format_components(args.kind))
     except RegistryError as err:
