@@ -71,3 +71,13 @@ def test_adding_a_component_walkthrough_runs_as_written(teacher_env, tmp_path):
         timeout=300,
     )
     assert tests.returncode == 0 and "2 passed" in tests.stdout, tests.stdout[-2000:]
+
+
+def test_recipes_md_covers_every_recipe_family():
+    text = (DOCS / "recipes.md").read_text()
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    for sub in sorted(p for p in recipes.iterdir() if p.is_dir()):
+        assert f"{sub.name}/" in text, f"recipes/{sub.name}/ is not in docs/recipes.md"
+    for f in sorted(recipes.rglob("*.gin")):
+        family = f.stem.rsplit("_w", 1)[0]  # gdfq_w2a4 -> gdfq, resnet20_cifar10_w4a4 -> ...
+        assert family in text or f.name in text, f"{f.relative_to(recipes)} not in recipes.md"
