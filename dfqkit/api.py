@@ -5,7 +5,7 @@
                               data="/data/imagenet/val", epochs=50)
 
 ``method`` is a method family (``gin/methods/<method>.gin``: ``gdfq``, ``diversity``,
-``qimera``, ``adasg``, ``adadfq``, ``psaq_vit``) or the path of a gin file. The model's input
+``qimera``, ``ait``, ``adasg``, ``adadfq``, ``psaq_vit``) or the path of a gin file. The model's input
 size, mean and std come from its timm ``pretrained_cfg`` when it has one, else from the
 arguments; the number of classes from the data. The run directory is the trainer's own
 (``config.gin``, checkpoints, ``metrics.json``); the returned student is its quantized model
@@ -27,6 +27,7 @@ from dfqkit import config as cfg
 
 _PROVIDED: dict[str, Any] = {}
 QUANT_FOR_METHOD = {"diversity": "gin/quant/diversity.gin"}
+ADD_ONS = ("plugin",)  # fragments that extend a method rather than define one
 
 
 @gin.configurable("provided_model", module="dfqkit.api")
@@ -61,8 +62,9 @@ def _method_file(method: str | Path) -> str:
     if path.suffix == ".gin":
         return str(path)
     fragment = f"gin/methods/{method}.gin"
-    if not (cfg.REPO_ROOT / fragment).is_file():
-        known = sorted(p.stem for p in (cfg.REPO_ROOT / "gin" / "methods").glob("*.gin"))
+    known = sorted(p.stem for p in (cfg.REPO_ROOT / "gin" / "methods").glob("*.gin"))
+    known = [k for k in known if k not in ADD_ONS]
+    if method not in known:
         raise ValueError(f"method={method!r} is no method family ({', '.join(known)}) or gin file")
     return fragment
 

@@ -63,3 +63,13 @@ def test_missing_input_config_and_unknown_method_are_named(folder):
         )
     with pytest.raises(ValueError, match="data is required"):
         dfqkit.quantize(model)
+
+
+def test_every_method_family_resolves_and_add_ons_do_not():
+    from dfqkit.api import _method_file
+
+    for family in ("gdfq", "diversity", "qimera", "ait", "adasg", "adadfq", "psaq_vit"):
+        assert _method_file(family) == f"gin/methods/{family}.gin"
+    with pytest.raises(ValueError, match="no method family"):
+        _method_file("plugin")
+    assert _method_file("my/experiment.gin") == "my/experiment.gin"

@@ -61,7 +61,9 @@ def test_adding_a_component_walkthrough_runs_as_written(teacher_env, tmp_path):
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     operative = (tmp_path / "runs/class_balance/operative_config.gin").read_text()
-    assert "@losses.ClassBalanceLoss()" in operative and "ClassBalanceLoss.weight = 0.5" in operative
+    assert (
+        "@losses.ClassBalanceLoss()" in operative and "ClassBalanceLoss.weight = 0.5" in operative
+    )
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_losses.py"],
         cwd=tmp_path,
