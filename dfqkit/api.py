@@ -5,9 +5,9 @@
                               data="/data/imagenet/val", epochs=50)
 
 ``method`` is a method family (``gin/methods/<method>.gin``: ``gdfq``, ``diversity``,
-``qimera``, ``ait``, ``adasg``, ``adadfq``, ``psaq_vit``) or the path of a gin file. The model's input
-size, mean and std come from its timm ``pretrained_cfg`` when it has one, else from the
-arguments; the number of classes from the data. The run directory is the trainer's own
+``qimera``, ``ait``, ``adasg``, ``adadfq``, ``psaq_vit``) or the path of a gin file. The
+model's input size, mean and std come from its timm ``pretrained_cfg`` when it has one, else
+from the arguments; the number of classes from the data. The run directory is the trainer's own
 (``config.gin``, checkpoints, ``metrics.json``); the returned student is its quantized model
 with frozen activation ranges, on the CPU, in eval mode.
 """
