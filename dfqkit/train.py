@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -205,7 +206,11 @@ def train(
     # a process may run several trainings (bench, tests, notebooks): each sets its own precision
     AcceleratorState._reset_state()
     log_with = _resolve_trackers(trackers)
+    # Several processes without a GPU (torchrun on CPU): Accelerate forms the gloo group only
+    # when told the run is on the CPU; with a GPU it picks the device itself.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     acc = Accelerator(
+        cpu=multi_cpu,
         mixed_precision=mixed_precision,
         project_dir=str(out),
         kwargs_handlers=[ddp],
@@ -237,6 +242,8 @@ def train(
         if hasattr(part, "bind"):
             part.bind(teacher=teacher, generator=generator, example=example)
     student = quantize_(copy.deepcopy(teacher), quant, example).requires_grad_(True).eval()
+    if acc.num_processes > 1 and generator.trainable:
+        _freeze_unused(generator, mixer, device)
     gen_params = [p for m in (generator, mixer) for p in m.parameters() if p.requires_grad]
     gen_opt = generator_optimizer(gen_params) if gen_params and generator.trainable else None
     student_opt = _student_optimizer(student_optimizer, student)
@@ -369,13 +376,60 @@ def train(
         ckpt.save_checkpoint(acc, out, state.epochs_done, keep=checkpoint_keep)
 
     metrics = summarize(state, recipe=recipe, seed=seed, quant=quant, resumed_from=resumed_from)
+    metrics["processes"] = _process_report(acc, student, engine)
     if acc.is_main_process:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         cfg.save_operative_config(out)
     acc.wait_for_everyone()
     acc.end_training()
     metrics["output_dir"] = str(out)
+    metrics["main_process"] = acc.is_main_process
     return metrics
+
+
+def _freeze_unused(generator: nn.Module, mixer: nn.Module, device: torch.device) -> None:
+    """Stop the generator's parameters that this configuration never uses from requiring
+    gradients (e.g. its label embedding when a ``cond`` mixer provides the conditioning), so
+    DistributedDataParallel does not wait for their gradients. One probe forward, with the RNG
+    state and BN statistics left untouched."""
+    from dfqkit.generators.base import synthesize
+
+    params = [p for p in generator.parameters() if p.requires_grad]
+    if not params:
+        return
+    mode = generator.training
+    generator.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        batch = synthesize(generator, mixer, 2, device)
+        grads = torch.autograd.grad(batch.images.float().sum(), params, allow_unused=True)
+    generator.train(mode)
+    unused = [p for p, g in zip(params, grads, strict=True) if g is None]
+    for p in unused:
+        p.requires_grad_(False)
+    if unused:
+        logger.info(
+            f"{len(unused)} generator parameter tensor(s) are not used by this configuration "
+            "and are frozen (DDP)",
+            main_process_only=True,
+        )
+
+
+def _process_report(acc, student: nn.Module, engine: Engine) -> dict[str, Any]:
+    """Once, at the end: do all processes hold the same student (weights and quantizer
+    ranges), and did they sample different latents? (Gathered from every rank.)"""
+    state = acc.unwrap_model(student).state_dict()
+    values = [v.detach().double() for v in state.values() if v.is_floating_point()]
+    signature = torch.stack([sum(v.sum() for v in values), sum(v.abs().sum() for v in values)])
+    batch = engine.last_batch
+    z = batch.z if batch is not None and batch.z is not None else None
+    latent = z.double().sum() if z is not None else torch.zeros((), dtype=torch.float64)
+    row = torch.cat([signature, latent[None]]).to(acc.device)[None]
+    rows = acc.gather(row).cpu()  # (processes, 3)
+    return {
+        "count": acc.num_processes,
+        "identical_student": bool((rows[:, :2] == rows[0, :2]).all()),
+        "latent_sums": rows[:, 2].tolist(),
+    }
 
 
 def _resolve_trackers(trackers: Sequence[str] | str | None) -> list[str]:
@@ -514,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dfqkit.train: error: {cfg.one_line(err)}", file=sys.stderr)
         return 2
     m = metrics
-    if not math.isnan(m["best"]["test_top1"]):
+    if m.get("main_process", True) and not math.isnan(m["best"]["test_top1"]):
         print(
             f"teacher {m['teacher']['test_top1']:.2f} | naive {m['naive']['test_top1']:.2f} | "
             f"quantized best-val epoch {m['best']['epoch']}: {m['best']['test_top1']:.2f}, "
