@@ -272,3 +272,14 @@ def test_trackers_log_scalars_samples_and_histograms(teacher_env, tmp_path):
 def test_unknown_tracker_is_named(teacher_env, tmp_path):
     with pytest.raises(ConfigError, match="unknown tracker"):
         run([RECIPE], [*TINY, "train.trackers = ['tensorbored']"], output_dir=tmp_path / "x")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "ablation",
+    sorted(p.stem for p in __import__("pathlib").Path("recipes/ablations").glob("diversity_*.gin")),
+)
+def test_every_diversity_ablation_builds_and_runs(teacher_env, tmp_path, ablation):
+    params = [*TINY, "DIM = 8", "EMBED_EPOCHS = 1", "BLOCKS = 1"]
+    metrics = run([f"recipes/ablations/{ablation}.gin"], params, output_dir=tmp_path / "a")
+    assert metrics["epochs_done"] == 2
