@@ -53,3 +53,43 @@ def test_onnx_qdq_export_agrees_with_the_student_on_the_test_split(teacher_env, 
         total += len(images)
         max_diff = max(max_diff, (got - want).abs().max().item())
     assert total == 1500 and agree / total >= 0.995, (agree, total, max_diff)
+
+
+@pytest.mark.slow
+def test_vit_onnx_export_intercepts_the_attention_operands(teacher_env, tmp_path):
+    from dfqkit.data import mnist5k
+    from dfqkit.models.mnist_vit import mnist_vit
+    from dfqkit.quant import MinMaxActQuantizer, QuantConfig, SymmetricWeightQuantizer, quantize_
+
+    torch.manual_seed(0)
+    config = QuantConfig(
+        w_bits=4,
+        a_bits=8,
+        policy="vit",
+        weight_quantizer=SymmetricWeightQuantizer,
+        act_quantizer=MinMaxActQuantizer,
+    )
+    student = quantize_(mnist_vit(), config, torch.zeros(2, 1, 28, 28))
+    data = mnist5k()
+    set_quant_mode(student, "observe")
+    with torch.no_grad():
+        for i, (images, _) in enumerate(data.loader("val", 64)):
+            student(images)
+            if i == 3:
+                break
+    path = export_model_onnx(student, torch.zeros(1, 1, 28, 28), tmp_path / "vit.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    n_weights = sum(isinstance(m, QuantConv2d | QuantLinear) for m in student.modules())
+    assert ops.count("QuantizeLinear") == n_weights + len(act_quantizers(student)) == 18 + 37
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    agree = total = 0
+    for images, _ in data.loader("test", 256):
+        with torch.no_grad():
+            want = student(images)
+        got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+        agree += (got.argmax(1) == want.argmax(1)).sum().item()
+        total += len(images)
+    # The session's ViT teacher is trained for one epoch only, so many test images are near
+    # ties that float-rounding differences flip; with the zoo's full teacher the agreement is
+    # 99.67 % (docs/results.md). Here: at least 99 %.
+    assert agree / total >= 0.99
