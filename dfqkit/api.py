@@ -104,10 +104,9 @@ def quantize(
         The quantized student (CPU, eval mode, activation ranges frozen).
     """
     from dfqkit.data import EvalData, imagenet_folder
-    from dfqkit.quant import set_quant_mode
     from dfqkit.quant.attention import attention_modules
     from dfqkit.taps import bn_layers
-    from dfqkit.train import run, train
+    from dfqkit.train import load_run, run
 
     if data is None:
         raise ValueError("quantize: data is required (an image folder path or an EvalData)")
@@ -146,11 +145,8 @@ def quantize(
     _PROVIDED.update(model=copy.deepcopy(model), data=data)  # the caller's model stays as is
     try:
         run(files, params, output_dir=out)
-        cfg.parse([out / "config.gin"])
-        parts = train(output_dir=out, resume=True, inspect=True)
+        student = load_run(out)["student_module"].cpu()
     finally:
         _PROVIDED.clear()
-    student = getattr(parts["student"], "module", parts["student"]).cpu().eval()
-    set_quant_mode(student, "frozen")
     student.run_dir = str(out)
     return student

@@ -83,13 +83,9 @@ class _Collector:
 
 def diagnose_run(run_dir: Path, *, batches: int, batch_size: int | None) -> dict[str, Any]:
     """Synthetic-data statistics of one run (and of the real validation split)."""
-    from dfqkit.train import train
+    from dfqkit.train import load_run
 
-    config = run_dir / "config.gin"
-    if not config.is_file():
-        raise cfg.ConfigError(f"--run {str(run_dir)!r} has no config.gin: not a dfqkit run")
-    cfg.parse([config])
-    parts = train(output_dir=run_dir, resume=True, inspect=True)
+    parts = load_run(run_dir, need_checkpoint=False)
     teacher, generator, mixer = parts["teacher"], parts["generator"], parts["mixer"]
     data, device = parts["data"], parts["device"]
     b = batch_size or 64

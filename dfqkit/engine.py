@@ -9,6 +9,7 @@ by the student step, the teacher has no weight gradients, and no value is moved 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -199,21 +200,16 @@ class Engine:
         self._mark(marks)
 
 
+@contextlib.contextmanager
 def _no_grad_params(params: list[nn.Parameter]):
     """Context: ``params`` do not require gradients inside (restored afterwards)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
         for p in params:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in params:
-                p.requires_grad_(True)
-
-    return ctx()
+            p.requires_grad_(True)
 
 
 def _all_reduce_grads(module: nn.Module) -> None:

@@ -29,7 +29,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dfqkit import config as cfg
-from dfqkit.quant import act_quantizers, quantize_, set_quant_mode
+from dfqkit.quant import ActQuantizer, quantize_, set_quant_mode
+from dfqkit.quant.functional import _ONNX_EXPORT, qdq
 from dfqkit.quant.modules import QuantConv2d, QuantLinear
 
 FORMAT = "dfqkit.quantized.v1"
@@ -46,8 +47,6 @@ class FrozenWeightQuantizer(nn.Module):
         self.register_buffer("zero_point", zero_point.float())
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        from dfqkit.quant.functional import _ONNX_EXPORT, qdq
-
         if _ONNX_EXPORT[0]:  # ONNX: the weight again as QDQ of its codes
             return qdq(w, self.scale, self.zero_point, self.bits)
         return w
@@ -86,27 +85,21 @@ def quantized_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict
             continue
         tensors[name] = value.detach().cpu().contiguous()
     for name, module in student.named_modules():
-        if module in act_quantizers(student):
+        if isinstance(module, ActQuantizer):
             layers[name] = {"kind": "activation", "bits": module.bits}
     return tensors, layers
 
 
 def export_safetensors(run_dir: Path, out: Path | None = None) -> Path:
     """Write ``run_dir``'s student (newest checkpoint) as a quantized safetensors file."""
-    from dfqkit.train import train
+    from dfqkit.train import load_run
 
     run_dir = Path(run_dir)
-    for required in ("config.gin", "operative_config.gin"):
-        if not (run_dir / required).is_file():
-            raise cfg.ConfigError(f"--run {str(run_dir)!r} has no {required}: not a dfqkit run")
-    cfg.parse([run_dir / "config.gin"])
-    image_size, channels = cfg.macro_value("IMAGE_SIZE"), cfg.macro_value("CHANNELS")
-    parts = train(output_dir=run_dir, resume=True, inspect=True)
-    if parts["epochs_done"] == 0:
-        raise cfg.ConfigError(f"--run {str(run_dir)!r} has no complete checkpoint to export")
-    student = getattr(parts["student"], "module", parts["student"]).cpu().eval()
-    set_quant_mode(student, "frozen")
-    tensors, layers = quantized_tensors(student)
+    parts = load_run(run_dir)
+    if not (run_dir / "operative_config.gin").is_file():
+        raise cfg.ConfigError(f"--run {str(run_dir)!r} has no operative_config.gin")
+    image_size, channels = parts["image_size"], parts["channels"]
+    tensors, layers = quantized_tensors(parts["student_module"].cpu())
     metadata = {
         "format": FORMAT,
         "operative_config": (run_dir / "operative_config.gin").read_text(),

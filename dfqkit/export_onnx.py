@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from dfqkit import config as cfg
 from dfqkit.quant import set_quant_mode
 from dfqkit.quant.functional import _ONNX_EXPORT
 
@@ -49,16 +48,9 @@ def export_model_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path) 
 
 def export_onnx(run_dir: Path, out: Path | None = None) -> Path:
     """Write ``run_dir``'s student (newest checkpoint) as ONNX with QDQ nodes."""
-    from dfqkit.train import train
+    from dfqkit.train import load_run
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.gin").is_file():
-        raise cfg.ConfigError(f"--run {str(run_dir)!r} has no config.gin: not a dfqkit run")
-    cfg.parse([run_dir / "config.gin"])
-    size, channels = cfg.macro_value("IMAGE_SIZE"), cfg.macro_value("CHANNELS")
-    parts = train(output_dir=run_dir, resume=True, inspect=True)
-    if parts["epochs_done"] == 0:
-        raise cfg.ConfigError(f"--run {str(run_dir)!r} has no complete checkpoint to export")
-    student = getattr(parts["student"], "module", parts["student"])
-    out = Path(out) if out is not None else run_dir / "student_qdq.onnx"
-    return export_model_onnx(student, torch.zeros(1, channels, size, size), out)
+    parts = load_run(run_dir)
+    size, channels = parts["image_size"], parts["channels"]
+    out = Path(out) if out is not None else Path(run_dir) / "student_qdq.onnx"
+    return export_model_onnx(parts["student_module"], torch.zeros(1, channels, size, size), out)

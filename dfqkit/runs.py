@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections.abc import Sequence
@@ -115,6 +116,9 @@ def save_samples(batch: SynthBatch | None, data, path: Path, *, max_images: int 
     save_image((images * std + mean).clamp(0, 1), path, nrow=8)
 
 
+_IMAGE_WARNED: set[str] = set()
+
+
 def log_media(acc, teacher: nn.Module, batch: SynthBatch | None, data, step: int) -> None:
     """Log the sample grid to every tracker that takes images, and the teacher's activation
     histograms on that batch to trackers with a TensorBoard-style ``writer``."""
@@ -130,11 +134,16 @@ def log_media(acc, teacher: nn.Module, batch: SynthBatch | None, data, step: int
     grid = make_grid((images * std + mean).clamp(0, 1), nrow=8)
     taps = None
     for tracker in acc.trackers:
-        if hasattr(tracker, "log_images"):
+        if hasattr(tracker, "log_images"):  # not every Accelerate tracker takes images
             try:
                 tracker.log_images({"samples": grid[None]}, step=step)
-            except (TypeError, ValueError, NotImplementedError):
-                pass
+            except (TypeError, ValueError) as err:  # a tracker wanting another image format
+                if tracker.name not in _IMAGE_WARNED:
+                    _IMAGE_WARNED.add(tracker.name)
+                    logging.getLogger(__name__).warning(
+                        f"tracker {tracker.name!r} refused the sample grid "
+                        f"({type(err).__name__}: {err}); the grid is still in samples/"
+                    )
         writer = getattr(tracker, "writer", None)
         if writer is not None and hasattr(writer, "add_histogram"):
             if taps is None:

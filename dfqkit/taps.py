@@ -28,9 +28,9 @@ def bn_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def _act_quantizers(model: nn.Module) -> list[nn.Module]:
-    from dfqkit.quant.act_base import ActQuantizer  # local: quant imports nothing from here
+    from dfqkit.quant.api import act_quantizers  # local: dfqkit.quant imports nothing from here
 
-    return [m for m in model.modules() if isinstance(m, ActQuantizer)]
+    return act_quantizers(model)
 
 
 def activation_sites(model: nn.Module) -> list[nn.Module]:

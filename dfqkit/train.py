@@ -537,6 +537,30 @@ def run(
     return train(output_dir=out, resume=resume, recipe=cfg.recipe_name(files[0]))
 
 
+def load_run(run_dir: str | Path, *, need_checkpoint: bool = True) -> dict[str, Any]:
+    """Rebuild a finished (or interrupted) run from its directory, without training.
+
+    Parses ``run_dir/config.gin``, builds every part and loads the newest complete checkpoint
+    (``train(inspect=True)``). Returns those parts plus ``student_module`` (the unwrapped
+    student on its device, eval mode, activation ranges frozen), ``image_size``, ``channels``.
+    Used by export, diagnose and ``dfqkit.quantize``.
+
+    Raises:
+        ConfigError: not a run directory, or (``need_checkpoint``) no complete checkpoint.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.gin").is_file():
+        raise cfg.ConfigError(f"--run {str(run_dir)!r} has no config.gin: not a dfqkit run")
+    cfg.parse([run_dir / "config.gin"])
+    sizes = {"image_size": cfg.macro_value("IMAGE_SIZE"), "channels": cfg.macro_value("CHANNELS")}
+    parts = train(output_dir=run_dir, resume=True, inspect=True)
+    if need_checkpoint and parts["epochs_done"] == 0:
+        raise cfg.ConfigError(f"--run {str(run_dir)!r} has no complete checkpoint")
+    student = getattr(parts["student"], "module", parts["student"]).eval()
+    set_quant_mode(student, "frozen")
+    return {**parts, **sizes, "student_module": student}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dfqkit.train", description=__doc__.split("\n")[0])
     parser.add_argument(

@@ -28,8 +28,29 @@ def _check(name: str, alpha: float, prob: float) -> None:
         raise ValueError(f"{name}.prob must be in [0, 1], got {prob!r}")
 
 
+class _ImageBlend(Mixer):
+    """Blends each image with a random partner of the batch: ``x = λ x_i + (1 − λ) x_π(i)``."""
+
+    stage = "image"
+
+    def __init__(self, *, alpha: float = 1.0, prob: float = 1.0) -> None:
+        super().__init__()
+        _check(type(self).__name__, alpha, prob)
+        self.alpha, self.prob = float(alpha), float(prob)
+
+    def _blend(self, batch: SynthBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(blended images, perm (b,), lam (b,))``."""
+        x = batch.images
+        perm, lam = blend(x.shape[0], self.alpha, self.prob, x.device)
+        w = lam.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        return w * x + (1 - w) * x[perm], perm, lam
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, prob={self.prob}"
+
+
 @register("mixers")
-class Mixup(Mixer):
+class Mixup(_ImageBlend):
     """Blends each synthesized image with a random partner of the batch, labels alike.
 
     ``x = λ x_i + (1 − λ) x_π(i)``, ``t = λ t_i + (1 − λ) t_π(i)`` with ``λ ~ Beta(α, α)`` per
@@ -43,18 +64,8 @@ class Mixup(Mixer):
         prob: share of mixed samples.
     """
 
-    stage = "image"
-
-    def __init__(self, *, alpha: float = 1.0, prob: float = 1.0) -> None:
-        super().__init__()
-        _check("Mixup", alpha, prob)
-        self.alpha, self.prob = float(alpha), float(prob)
-
     def forward(self, batch: SynthBatch, generator: nn.Module) -> SynthBatch:
-        x = batch.images
-        perm, lam = blend(x.shape[0], self.alpha, self.prob, x.device)
-        w = lam.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-        images = w * x + (1 - w) * x[perm]
+        images, perm, lam = self._blend(batch)
         targets = batch.targets
         if targets is not None:
             targets = lam[:, None] * targets + (1 - lam[:, None]) * targets[perm]
@@ -63,12 +74,9 @@ class Mixup(Mixer):
             images=images, targets=targets, labels=labels, mix={"perm": perm, "lam": lam}
         )
 
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, prob={self.prob}"
-
 
 @register("mixers")
-class ImageOnlyMixup(Mixer):
+class ImageOnlyMixup(_ImageBlend):
     """Blends images like :class:`Mixup` but interpolates no labels: the target of a blend is
     the teacher's own prediction on it (``batch.targets = None``; :class:`SoftTargetCE` then
     uses the teacher's softmax).
@@ -80,20 +88,6 @@ class ImageOnlyMixup(Mixer):
         prob: share of mixed samples.
     """
 
-    stage = "image"
-
-    def __init__(self, *, alpha: float = 1.0, prob: float = 1.0) -> None:
-        super().__init__()
-        _check("ImageOnlyMixup", alpha, prob)
-        self.alpha, self.prob = float(alpha), float(prob)
-
     def forward(self, batch: SynthBatch, generator: nn.Module) -> SynthBatch:
-        x = batch.images
-        perm, lam = blend(x.shape[0], self.alpha, self.prob, x.device)
-        w = lam.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-        return batch.replace(
-            images=w * x + (1 - w) * x[perm], targets=None, mix={"perm": perm, "lam": lam}
-        )
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, prob={self.prob}"
+        images, perm, lam = self._blend(batch)
+        return batch.replace(images=images, targets=None, mix={"perm": perm, "lam": lam})
