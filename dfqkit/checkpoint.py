@@ -4,6 +4,11 @@ A checkpoint is written into ``checkpoints/.tmp-epoch-NNNN``, marked complete wi
 ``COMPLETE`` file once every process has written its part, and only then renamed to
 ``checkpoints/epoch-NNNN`` (an atomic rename). A run killed mid-write leaves a ``.tmp-*``
 directory that is never loaded and is removed by the next save.
+
+Before a checkpoint is loaded, :func:`verify_checkpoint` reads every file of it safely:
+safetensors files through their header, every other file with ``torch.load(weights_only=True)``
+(Accelerate itself loads ``custom_checkpoint_*.pkl`` with ``weights_only=False``, which would run
+code hidden in a pickle). A corrupt, truncated or code-carrying file is refused, naming it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+from dfqkit.config import ConfigError
+from dfqkit.models.weights import safe_torch_load
 
 COMPLETE = "COMPLETE"
 _NAME = re.compile(r"^epoch-(\d{4,})$")
@@ -28,6 +36,7 @@ class TrainState:
         self.reference: dict[str, Any] = {}  # teacher / naive accuracies, computed once
         self.best: dict[str, Any] | None = None
         self.evals_since_best = 0
+        self.skipped_steps: dict[str, int] = {}  # non-finite steps skipped, per optimizer side
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -35,6 +44,30 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Read every file of checkpoint ``path`` without executing anything; raise
+    :class:`~dfqkit.config.ConfigError` naming the first file that is corrupt, truncated, or holds
+    pickled objects other than tensors and plain values."""
+    from safetensors import SafetensorError, safe_open
+
+    hint = f"remove {str(path)!r} to resume from the checkpoint before it"
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name != COMPLETE):
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), framework="pt", device="cpu") as st:
+                    for key in st.keys():
+                        st.get_slice(key)
+            except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+                raise ConfigError(
+                    f"checkpoint file {str(f)!r} is corrupt or truncated ({err}); {hint}"
+                ) from err
+            continue
+        try:
+            safe_torch_load(f, what="checkpoint file", hint=f"; {hint}")
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
 
 def checkpoint_dir(output_dir: Path) -> Path:

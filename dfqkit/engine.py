@@ -15,9 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dfqkit.generators.base import synthesize
+from dfqkit.guard import StepGuard
 from dfqkit.losses.base import Loss
 from dfqkit.step import Step, SynthBatch
 from dfqkit.taps import Taps
@@ -90,7 +92,17 @@ class Engine:
         )
         self.student_taps = Taps(student, student_needs, model_name="the student", example=example)
         self.loss_sums: dict[str, torch.Tensor] = {}
+        self.loss_counts: dict[str, torch.Tensor] = {}
         self.last_batch: SynthBatch | None = None
+        # non-finite losses skip their step on the device (dfqkit.guard); under fp16 the loss
+        # scaler already skips overflowing gradients, so only the loss is checked then
+        check_grads = getattr(accelerator, "scaler", None) is None
+        reduce = _min_over_processes if accelerator.num_processes > 1 else None
+        self.guards = {
+            side: StepGuard(opt, accelerator.device, check_grads=check_grads, reduce=reduce)
+            for side, opt in (("generator", generator_optimizer), ("student", student_optimizer))
+            if opt is not None
+        }
 
     @property
     def generator_trains(self) -> bool:
@@ -98,20 +110,31 @@ class Engine:
         return bool(gen.trainable and self.gen_losses and self.gen_opt is not None)
 
     def _accumulate(self, key: str, value: torch.Tensor) -> None:
-        value = value.detach()
+        value = value.detach().float()
+        finite = torch.isfinite(value)
+        value = torch.where(finite, value, 0.0)
         if key in self.loss_sums:
             self.loss_sums[key] += value
+            self.loss_counts[key] += finite
         else:
             self.loss_sums[key] = value.clone()
+            self.loss_counts[key] = finite.long()
 
-    def pop_loss_means(self, iterations: int) -> dict[str, float]:
-        """Mean of each loss over the last ``iterations`` (one host sync per call)."""
+    def pop_loss_means(self, iterations: int | None = None) -> dict[str, float]:
+        """Mean of each loss over its finite values since the last call (NaN if none was
+        finite; one host sync per call). ``iterations`` is accepted for compatibility."""
         if not self.loss_sums:
             return {}
         keys = list(self.loss_sums)
-        values = (torch.stack([self.loss_sums[k].float() for k in keys]) / iterations).tolist()
-        self.loss_sums = {}
-        return dict(zip(keys, values, strict=True))
+        sums = torch.stack([self.loss_sums[k] for k in keys])
+        counts = torch.stack([self.loss_counts[k] for k in keys])
+        means = torch.where(counts > 0, sums / counts.clamp(min=1), float("nan")).tolist()
+        self.loss_sums, self.loss_counts = {}, {}
+        return dict(zip(keys, means, strict=True))
+
+    def pop_nonfinite(self) -> dict[str, tuple[int, int]]:
+        """Per optimizer side: ``(skipped steps, longest run in a row)`` since the last call."""
+        return {side: guard.pop() for side, guard in self.guards.items()}
 
     def _total(self, losses: Sequence[Loss], step: Step, prefix: str) -> torch.Tensor:
         total = None
@@ -167,7 +190,7 @@ class Engine:
             acc.backward(gen_loss)
             if acc.num_processes > 1:
                 _all_reduce_grads(self.mixer_module)
-            self.gen_opt.step()
+            self.guards["generator"].step(gen_loss)
             gen = getattr(self.generator, "module", self.generator)
             if hasattr(gen, "after_step"):  # e.g. a pixel bank clips its pixels
                 gen.after_step()
@@ -192,7 +215,7 @@ class Engine:
                 student_loss = self._total(self.student_losses, step, "student")
             self.student_opt.zero_grad(set_to_none=True)
             acc.backward(student_loss)
-            self.student_opt.step()
+            self.guards["student"].step(student_loss)
         elif phase.observe and not (train_gen and self.student_in_gen_step):
             # (a generator step that ran the student has observed this batch already)
             with torch.no_grad(), acc.autocast():
@@ -219,8 +242,6 @@ def _all_reduce_grads(module: nn.Module) -> None:
     params = [p for p in module.parameters() if p.grad is not None]
     if not params:
         return
-    import torch.distributed as dist
-
     flat = torch.cat([p.grad.flatten() for p in params])
     dist.all_reduce(flat)
     flat.div_(dist.get_world_size())
@@ -229,6 +250,12 @@ def _all_reduce_grads(module: nn.Module) -> None:
         n = p.numel()
         p.grad.copy_(flat[offset : offset + n].view_as(p))
         offset += n
+
+
+def _min_over_processes(value: torch.Tensor) -> torch.Tensor:
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value
 
 
 def _detach_taps(values: list) -> list:

@@ -182,6 +182,7 @@ def summarize(state, *, recipe: str, seed: int, quant, resumed_from: int | None)
         "resumed_from_epoch": resumed_from,
         "epochs_done": state.epochs_done,
         "iterations": state.iterations,
+        "skipped_steps": dict(getattr(state, "skipped_steps", {})),
         "ms_per_iter": 1000 * state.train_seconds / max(state.iterations, 1),
         "time_s": state.train_seconds,
         "history": history,

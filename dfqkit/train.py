@@ -34,6 +34,7 @@ from dfqkit import checkpoint as ckpt
 from dfqkit import config as cfg
 from dfqkit.engine import Engine, Phase
 from dfqkit.evaluate import evaluate
+from dfqkit.guard import NonFiniteLossError
 from dfqkit.losses.base import Loss
 from dfqkit.mixers import NoMixer
 from dfqkit.quant import (
@@ -62,6 +63,15 @@ GENERATOR_OPTIMIZER = functools.partial(torch.optim.Adam, lr=1e-3, betas=(0.5, 0
 STUDENT_OPTIMIZER = functools.partial(
     torch.optim.SGD, lr=1e-4, momentum=0.9, nesterov=True, weight_decay=1e-4
 )
+
+
+class SetupError(cfg.ConfigError):
+    """An exception raised while building a run, before its first training step, as one line
+    (the CLI prints it without a traceback unless ``--debug``)."""
+
+
+# whether the current train() has entered its loop: errors before it are set-up errors
+_LOOP_STARTED = False
 
 
 def _gin_root(fn):
@@ -107,6 +117,8 @@ def train(
     benchmark: tuple[int, int] | None = None,
     inspect: bool = False,
     trackers: Sequence[str] | str | None = "auto",
+    max_nonfinite_in_a_row: int = 20,
+    deterministic: bool = False,
 ) -> dict[str, Any]:
     """Run one DFQ experiment and return its metrics (also written to ``metrics.json``).
 
@@ -158,7 +170,18 @@ def train(
             ``resume``), and return the parts instead of training (``teacher``, ``generator``,
             ``mixer``, ``student``, ``data``, ``device``, ``epochs_done``; used by
             ``python -m dfqkit.diagnose``).
+        max_nonfinite_in_a_row: a step whose loss or gradients are not finite is skipped on the
+            device (parameters and optimizer state unchanged; :mod:`dfqkit.guard`) and counted;
+            the counts are read once per epoch, logged as a warning, and the run stops with
+            :class:`~dfqkit.guard.NonFiniteLossError` before saving that epoch when one
+            optimizer skipped this many steps in a row. Checkpoints already saved are kept.
+        deterministic: force deterministic kernels (``torch.use_deterministic_algorithms``, no
+            cuDNN autotuning, ``CUBLAS_WORKSPACE_CONFIG``); an op without a deterministic
+            implementation then raises. CPU runs are deterministic without it
+            (docs/training.md, "Determinism").
     """
+    global _LOOP_STARTED
+    _LOOP_STARTED = False
     for name, value, low in (
         ("epochs", epochs, 1),
         ("iters_per_epoch", iters_per_epoch, 1),
@@ -168,6 +191,9 @@ def train(
         ("calib_epochs", calib_epochs, 0),
         ("generator_lr_warmup_iters", generator_lr_warmup_iters, 0),
         ("naive_batches", naive_batches, 1),
+        ("max_nonfinite_in_a_row", max_nonfinite_in_a_row, 1),
+        ("checkpoint_keep", checkpoint_keep, 1),
+        ("seed", seed, 0),
     ):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise cfg.ConfigError(f"train.{name} must be an integer >= {low}, got {value!r}")
@@ -194,6 +220,12 @@ def train(
         raise cfg.ConfigError(
             f"train.calibration must be one of {CALIBRATIONS}, got {calibration!r}"
         )
+    if not isinstance(deterministic, bool):
+        raise cfg.ConfigError(f"train.deterministic must be True or False, got {deterministic!r}")
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     if mixed_precision not in MIXED_PRECISION:
         raise cfg.ConfigError(
             f"train.mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}"
@@ -279,7 +311,17 @@ def train(
     if resume:
         last = ckpt.latest_checkpoint(out)
         if last is not None:
-            acc.load_state(str(last))
+            ckpt.verify_checkpoint(last)  # readable, and nothing in it would run code
+            try:
+                acc.load_state(str(last))
+            except (RuntimeError, KeyError, ValueError, IndexError) as err:
+                lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()][:2]
+                detail = " ".join(lines)[:300] or type(err).__name__
+                raise cfg.ConfigError(
+                    f"checkpoint {str(last)!r} does not fit this run ({detail}): it "
+                    f"was written by another configuration; compare {str(out / 'config.gin')!r} "
+                    "with the recipe and bindings given now"
+                ) from err
             resumed_from = state.epochs_done
             logger.info(f"resumed from {last} after epoch {resumed_from}", main_process_only=True)
     if inspect:
@@ -321,6 +363,7 @@ def train(
         cfg.save_operative_config(out)
 
     # ---- the loop
+    _LOOP_STARTED = True
     start_epoch = state.epochs_done
     for epoch in range(start_epoch, epochs):
         if (
@@ -361,7 +404,8 @@ def train(
         state.iterations += iters_per_epoch
         if phase.observe:
             sync_quantizers(student)
-        scalars = engine.pop_loss_means(iters_per_epoch)
+        scalars = engine.pop_loss_means()
+        _check_nonfinite(engine, state, epoch + 1, max_nonfinite_in_a_row, out)
         state.epochs_done = epoch + 1
         calibrated = calibration != "final" or state.epochs_done > epochs - calib_epochs
         if calibrated and (state.epochs_done % eval_every == 0 or state.epochs_done == epochs):
@@ -385,6 +429,32 @@ def train(
     metrics["output_dir"] = str(out)
     metrics["main_process"] = acc.is_main_process
     return metrics
+
+
+def _check_nonfinite(engine: Engine, state, epoch: int, limit: int, out: Path) -> None:
+    """Log skipped non-finite steps of ``epoch``; stop the run when one optimizer skipped
+    ``limit`` steps in a row (before this epoch's checkpoint is written)."""
+    counts = engine.pop_nonfinite()
+    skipped = {side: n for side, (n, _) in counts.items() if n}
+    if not skipped:
+        return
+    for side, n in skipped.items():
+        state.skipped_steps[side] = state.skipped_steps.get(side, 0) + n
+    longest = max(run for _, run in counts.values())
+    logger.warning(
+        f"epoch {epoch}: skipped "
+        + " and ".join(f"{n} {side} step(s)" for side, n in skipped.items())
+        + f" with a non-finite loss or gradient (longest run in a row: {longest})",
+        main_process_only=True,
+    )
+    if longest >= limit:
+        last = ckpt.latest_checkpoint(out)
+        kept = f"the last complete checkpoint {str(last)!r} is kept" if last else "no checkpoint"
+        raise NonFiniteLossError(
+            f"{longest} steps in a row had a non-finite loss or gradient in epoch {epoch} "
+            f"(train.max_nonfinite_in_a_row = {limit}); stopped before saving epoch {epoch}, "
+            f"{kept}: lower the learning rates or loss weights and --resume"
+        )
 
 
 def _freeze_unused(generator: nn.Module, mixer: nn.Module, device: torch.device) -> None:
@@ -525,16 +595,31 @@ def run(
     output_dir: str | Path | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Parse a configuration and run ``train`` (what the CLI, the bench and tests call)."""
+    """Parse a configuration and run ``train`` (what the CLI, the bench and tests call).
+
+    Any exception raised before the first training step (building a component, loading
+    weights or data, start-up checks) comes out as :class:`SetupError` with one line.
+    """
+    global _LOOP_STARTED
     files = cfg.parse(gin_files, gin_params)
     seed = cfg.macro_value("SEED", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise cfg.ConfigError(f"SEED must be an integer >= 0, got {seed!r}")
     if output_dir is None:
         output_dir = Path("runs") / cfg.run_name(files[0]) / f"seed{seed}"
     out = prepare_output_dir(output_dir, resume=resume)
     if not resume or not (out / "config.gin").exists():
         cfg.save_config(out, files, gin_params)
     torch.manual_seed(seed)  # components built by gin references are initialised identically
-    return train(output_dir=out, resume=resume, recipe=cfg.recipe_name(files[0]))
+    _LOOP_STARTED = False
+    try:
+        return train(output_dir=out, resume=resume, recipe=cfg.recipe_name(files[0]))
+    except (cfg.ConfigError, NonFiniteLossError):
+        raise
+    except Exception as err:
+        if _LOOP_STARTED:  # a failure while training is not a set-up problem: keep it whole
+            raise
+        raise SetupError(cfg.one_line(err)) from err
 
 
 def load_run(run_dir: str | Path, *, need_checkpoint: bool = True) -> dict[str, Any]:
@@ -591,6 +676,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"dfqkit.train: error: {cfg.one_line(err)}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:
+        if args.debug:
+            raise
+        print(f"dfqkit.train: stopped: {cfg.one_line(err)}", file=sys.stderr)
+        return 3
     m = metrics
     if m.get("main_process", True) and not math.isnan(m["best"]["test_top1"]):
         print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,35 @@ NESTING_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "net
 # Prefixes added by DistributedDataParallel / DataParallel and torch.compile.
 WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 SHOWN = 5  # keys listed per kind of mismatch in an error
+
+
+def safe_torch_load(path: str | os.PathLike[str], *, what: str = "file", hint: str = "") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with one-line errors.
+
+    Raises:
+        ValueError: the file holds pickled objects beyond tensors and plain containers (a
+            pickle that would import and call something: refused, never executed), or it is
+            corrupt or truncated. The message names the file; ``hint`` is appended.
+    """
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # numpy RNG states of checkpoints
+
+    try:
+        with torch.serialization.safe_globals(list(TORCH_SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises UnpicklingError/RuntimeError by version
+        text = str(err)
+        if "Unsupported global" in text or "unsupported GLOBAL" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            ref = f" ({found.group(1)})" if found else ""
+            raise ValueError(
+                f"{what} {str(path)!r} holds pickled objects other than tensors and plain "
+                f"values{ref}: refused, since loading it could run code{hint}"
+            ) from err
+        if "WeightsUnpickler error:" in text:
+            text = text.split("WeightsUnpickler error:", 1)[1]
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        first = lines[0].split(". ")[0] if lines else type(err).__name__
+        raise ValueError(f"{what} {str(path)!r} is corrupt or truncated ({first}){hint}") from err
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -38,14 +68,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
         obj: Any = load_file(str(path), device="cpu")
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises UnpicklingError/RuntimeError by version
-            raise ValueError(
-                f"checkpoint {str(path)!r} cannot be read as a plain state dict with "
-                f"weights_only=True ({type(err).__name__}: {err}); re-save it with "
-                "torch.save(model.state_dict(), path) or as .safetensors"
-            ) from err
+        obj = safe_torch_load(
+            path,
+            what="checkpoint",
+            hint="; re-save it with torch.save(model.state_dict(), path) or as .safetensors",
+        )
     # A state dict maps names to tensors, so a nesting key holding a mapping is a wrapper
     # (``{"epoch": 3, "model": {...}, "best_acc1": tensor}``).
     while isinstance(obj, Mapping):

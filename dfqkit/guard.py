@@ -1,0 +1,107 @@
+"""Skipping optimizer steps whose loss or gradients are not finite, without a host sync.
+
+Deciding on the host whether to call ``optimizer.step()`` would need the loss's value there: one
+device-to-host synchronisation per iteration (what ``torch.amp.GradScaler`` does). Instead the
+:class:`StepGuard` decides on the device: it computes a 0-dim ``ok`` flag (the loss and every
+gradient finite), lets the optimizer step, and puts back the parameters and optimizer state from
+before the step where ``ok`` is false (``torch.where``). A skipped step therefore leaves the
+parameters and the optimizer state exactly as they were; the price is one copy of the parameters
+and their optimizer state per step, small beside a forward and backward pass.
+
+The counts (skipped steps, the longest run of them in a row) stay on the device and are read by
+the trainer once per epoch, where it already synchronises for evaluation and logging.
+
+Known inexactness: an optimizer that keeps a tensor state on another device than its parameters
+(PyTorch's non-``capturable`` Adam keeps ``step`` on the CPU beside CUDA parameters) gets that
+state advanced by a skipped step, since putting it back would need a synchronisation; for Adam
+this only shifts its bias correction by one step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient: the run is stopped."""
+
+
+class StepGuard:
+    """Wraps one optimizer: ``guard.step(loss)`` replaces ``optimizer.step()``.
+
+    Args:
+        optimizer: the (possibly Accelerate-wrapped) optimizer.
+        device: where the flags live (the parameters' device).
+        check_grads: also require finite gradients (off under fp16 loss scaling, whose scaler
+            skips overflowing steps itself and would otherwise be counted here).
+        reduce: a callable that takes the local 0-dim float ``ok`` and returns its minimum over
+            processes (several processes must skip the same steps), or ``None``.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        *,
+        check_grads: bool = True,
+        reduce=None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
+        self.check_grads = check_grads
+        self.reduce = reduce
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+        self.streak = torch.zeros((), dtype=torch.long, device=device)
+        self.longest = torch.zeros((), dtype=torch.long, device=device)
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for g in self.inner.param_groups for p in g["params"] if p.grad is not None]
+
+    def ok(self, loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+        """0-dim bool on the device: the loss and (with ``check_grads``) every gradient finite."""
+        ok = torch.isfinite(loss.detach()).all()
+        if self.check_grads and params:
+            # the max-norm is non-finite iff some element is inf or NaN (NaN propagates)
+            norms = torch._foreach_norm([p.grad for p in params], float("inf"))
+            ok = ok & torch.isfinite(torch.stack(norms)).all()
+        if self.reduce is not None:
+            ok = self.reduce(ok.float()) > 0.5
+        return ok
+
+    def step(self, loss: torch.Tensor) -> None:
+        params = self._params()
+        ok = self.ok(loss, params)
+        device = ok.device
+        before = [p.detach().clone() for p in params]
+        states: list[tuple[dict, str, torch.Tensor | None]] = []
+        for p in params:
+            state = self.inner.state.get(p, {})
+            for key, value in list(state.items()):
+                if isinstance(value, torch.Tensor) and value.device == device:
+                    states.append((state, key, value.clone()))
+        fresh = [p for p in params if not self.inner.state.get(p)]  # state created by this step
+        self.optimizer.step()
+        with torch.no_grad():
+            for p, old in zip(params, before, strict=True):
+                p.copy_(torch.where(ok, p, old))
+            for state, key, old in states:
+                state[key].copy_(torch.where(ok, state[key], old))
+            for p in fresh:
+                # lazily created state (Adam's moments, SGD's momentum buffer): put back as zeros,
+                # which the next real step treats exactly like a fresh start
+                for value in self.inner.state.get(p, {}).values():
+                    if isinstance(value, torch.Tensor) and value.device == device:
+                        value.copy_(torch.where(ok, value, torch.zeros_like(value)))
+        bad = (~ok).long()
+        self.skipped += bad
+        self.streak.mul_(bad).add_(bad)
+        torch.maximum(self.longest, self.streak, out=self.longest)
+
+    def pop(self) -> tuple[int, int]:
+        """``(skipped, longest run in a row)`` since the last call (one host sync). A run that
+        continues past the call keeps counting from its length (runs may span epochs)."""
+        skipped, longest = torch.stack([self.skipped, self.longest]).tolist()
+        self.skipped.zero_()
+        self.longest.zero_()
+        return int(skipped), int(longest)
