@@ -284,3 +284,14 @@ def test_every_diversity_ablation_builds_and_runs(teacher_env, tmp_path, ablatio
     params = [*TINY, "DIM = 8", "EMBED_EPOCHS = 1", "BLOCKS = 1"]
     metrics = run([f"recipes/ablations/{ablation}.gin"], params, output_dir=tmp_path / "a")
     assert metrics["epochs_done"] == 2
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics_and_the_deterministic_switch(teacher_env, tmp_path):
+    a = run([RECIPE], TINY, output_dir=tmp_path / "a")
+    b = run([RECIPE], [*TINY, "train.deterministic = True"], output_dir=tmp_path / "b")
+    assert torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    c = run([RECIPE], [*TINY, "SEED = 1"], output_dir=tmp_path / "c")
+    assert a["history"] == b["history"]  # bit-identical floats
+    assert a["history"] != c["history"]  # the seed does reach the run
