@@ -9,6 +9,7 @@ from dfqkit.generators.conditional_generator import ConditionalGenerator
 from dfqkit.registry import register
 from dfqkit.step import SynthBatch
 
+CBN_MIXES = ("sum", "mean")
 EMBEDDING_INITS = ("teacher", "random")
 
 
@@ -33,7 +34,11 @@ class QimeraGenerator(ConditionalGenerator):
     optionally frozen); an optional "disentanglement mapping" ``Linear(latent_dim, 100)`` sits
     before the decoder. With :class:`~dfqkit.mixers.EmbeddingMixup` a mixed sample's input is
     ``Σ_k λ_k · embed(y_k, z_k)``; with ``conditioning="cbn"`` (ImageNet) the conditional BN
-    layers are driven by the soft targets ``Σ_k λ_k onehot(y_k)``.
+    layers are driven by the soft targets ``Σ_k λ_k onehot(y_k)``: a mixed sample's ``γ, β`` are
+    the λ-weighted sum of its classes' (``cbn_mix="sum"``, the default). The official code
+    divides that sum by ``K`` (``cbn_mix="mean"``), which for its ImageNet ``K`` of 100 to 500
+    shrinks a mixed sample's ``γ`` and ``β`` a hundredfold or more against an unmixed one's;
+    dfqkit's default keeps them a convex combination (docs/methods.md, "Decisions").
 
     Reference: Choi et al., "Qimera", NeurIPS 2021 (baselines.md §2.3: latent 64 CIFAR, 512
     ResNet-18, 2048 ResNet-50, 1280 MobileNetV2; the mapping is off by default in the official
@@ -49,6 +54,8 @@ class QimeraGenerator(ConditionalGenerator):
         freeze_embedding: keep the embedding fixed.
         mapping: add the ``Linear(latent_dim, 100)`` mapping before the decoder.
         noise_scale: multiplies ``z`` before it is added to the embedding.
+        cbn_mix: ``"sum"`` (``Σ_k λ_k γ_{y_k}``) or ``"mean"`` (the official ``/K``, with ``K``
+            the number of classes in the sample; unmixed samples are unchanged).
     """
 
     def __init__(
@@ -65,7 +72,10 @@ class QimeraGenerator(ConditionalGenerator):
         noise_scale: float = 1.0,
         bn_eps: float = 0.8,
         width: int = 128,
+        cbn_mix: str = "sum",
     ) -> None:
+        if cbn_mix not in CBN_MIXES:
+            raise ValueError(f"cbn_mix must be one of {CBN_MIXES}, got {cbn_mix!r}")
         if conditioning not in ("embed", "cbn"):
             raise ValueError(f"conditioning must be 'embed' or 'cbn', got {conditioning!r}")
         if embedding_init not in EMBEDDING_INITS:
@@ -91,6 +101,7 @@ class QimeraGenerator(ConditionalGenerator):
         self.mapping = nn.Linear(latent_dim, 100) if mapping else nn.Identity()
         self.noise_scale = float(noise_scale)
         self._initialised = embedding_init == "random"
+        self.cbn_mix = cbn_mix
 
     def bind(self, *, teacher: nn.Module, generator: nn.Module, example: torch.Tensor) -> None:
         """Copy the teacher's classifier weight rows into the embedding (``"teacher"`` init)."""
@@ -111,4 +122,9 @@ class QimeraGenerator(ConditionalGenerator):
         return self.input_norm(self.label_emb(labels) + self.noise_scale * z)
 
     def decode(self, batch: SynthBatch) -> torch.Tensor:
-        return super().decode(batch.replace(cond=self.mapping(batch.cond)))
+        batch = batch.replace(cond=self.mapping(batch.cond))
+        if self.cbn_mix == "mean" and self.conditioning == "cbn" and batch.targets is not None:
+            # the official λ-weighted mean: each sample's weights divided by its class count
+            t = batch.targets
+            batch = batch.replace(targets=t / (t > 0).sum(dim=1, keepdim=True).clamp(min=1))
+        return super().decode(batch)

@@ -49,3 +49,28 @@ def test_mapping_cbn_and_embedding_mixup_run():
     batch = synthesize(gen, mixer, 8, torch.device("cpu"))
     assert batch.images.shape == (8, 1, 8, 8) and batch.cond.shape == (8, 6)
     assert synthesize(gen, NoMixer(), 4, torch.device("cpu")).images.shape == (4, 1, 8, 8)
+
+
+def test_cbn_mix_mean_divides_a_mixed_samples_weights_by_its_class_count():
+    torch.manual_seed(0)
+    kw = dict(num_classes=4, image_size=8, channels=1, latent_dim=6, embedding_init="random")
+    summed = QimeraGenerator(conditioning="cbn", **kw).eval()
+    mean = QimeraGenerator(conditioning="cbn", cbn_mix="mean", **kw).eval()
+    mean.load_state_dict(summed.state_dict())
+    with torch.no_grad():  # distinct per-class γ, β so the weighting shows
+        for m in summed.modules():
+            for name, p in m.named_parameters(recurse=False):
+                if "emb" in name or "gamma" in name or "beta" in name:
+                    p.normal_()
+        mean.load_state_dict(summed.state_dict())
+    from dfqkit.step import SynthBatch
+
+    t = torch.tensor([[0.3, 0.7, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.2, 0.2, 0.2, 0.4]])
+    cond = torch.randn(3, 6)
+    batch = SynthBatch(labels=t.argmax(1), targets=t, cond=cond)
+    by_hand = batch.replace(targets=t / torch.tensor([[2.0], [1.0], [4.0]]))
+    torch.testing.assert_close(mean.decode(batch), summed.decode(by_hand))
+    assert not torch.allclose(mean.decode(batch)[0], summed.decode(batch)[0])
+    torch.testing.assert_close(mean.decode(batch)[1], summed.decode(batch)[1])  # unmixed: same
+    with pytest.raises(ValueError, match="cbn_mix must be one of"):
+        QimeraGenerator(cbn_mix="avg", **kw)
