@@ -50,7 +50,7 @@ def check_setup(
     trains_student: bool = True,
 ) -> None:
     """Cross-component checks that must fail before any training step, with one clear line."""
-    if not losses:
+    if not losses and (generator.trainable or trains_student):
         raise ConfigError("train.losses is empty: give at least one loss")
     for loss in losses:
         if not isinstance(loss, Loss):

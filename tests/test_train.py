@@ -295,3 +295,27 @@ def test_same_seed_same_metrics_and_the_deterministic_switch(teacher_env, tmp_pa
     c = run([RECIPE], [*TINY, "SEED = 1"], output_dir=tmp_path / "c")
     assert a["history"] == b["history"]  # bit-identical floats
     assert a["history"] != c["history"]  # the seed does reach the run
+
+
+SYNTH_TINY = ["SYNTH_IMAGES = 16", "SYNTH_BATCH = 8", "SYNTH_ITERS = 2", "train.naive_batches = 2"]
+
+
+@pytest.mark.slow
+def test_zeroq_is_ptq_on_a_cached_synthetic_set(teacher_env, tmp_path):
+    params = [*SYNTH_TINY, "BATCH_SIZE = 8", "ITERS_PER_EPOCH = 2", "train.trackers = None"]
+    m = run(["recipes/mnist/zeroq_w4a4.gin"], params, output_dir=tmp_path / "zq")
+    assert m["epochs_done"] == 1 and m["iterations"] == 2
+    assert 0.0 <= m["last"]["test_top1"] <= 100.0
+    cached = list((teacher_env / "synthetic").glob("*/batch_*.safetensors"))
+    assert len(cached) >= 2
+    # the checkpoint holds the sampling state, not the images
+    ckpt_dir = ckpt.latest_checkpoint(tmp_path / "zq")
+    assert sum(f.stat().st_size for f in ckpt_dir.rglob("*")) < 2_000_000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["intraq", "hast"])
+def test_two_stage_fine_tuning_recipes_run(teacher_env, tmp_path, method):
+    params = [p for p in TINY if not p.startswith(("LATENT_DIM", "generators."))]
+    m = run([f"recipes/mnist/{method}_w4a4.gin"], [*params, *SYNTH_TINY], output_dir=tmp_path / "r")
+    assert m["epochs_done"] == 2 and 0.0 <= m["last"]["test_top1"] <= 100.0

@@ -5,6 +5,7 @@ from dfqkit.generators.conditional_generator import ConditionalGenerator
 from dfqkit.generators.pixel_bank import PixelBank
 from dfqkit.generators.qimera_generator import QimeraGenerator
 from dfqkit.generators.real_data_reference import RealDataReference
+from dfqkit.generators.synthetic_set import SyntheticSet
 
 __all__ = [
     "ConditionalGenerator",
@@ -12,5 +13,6 @@ __all__ = [
     "PixelBank",
     "QimeraGenerator",
     "RealDataReference",
+    "SyntheticSet",
     "synthesize",
 ]

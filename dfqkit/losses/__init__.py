@@ -8,17 +8,21 @@ from dfqkit.losses.patch_similarity import PatchSimilarityEntropy
 from dfqkit.losses.sim_loss1 import SimLoss1
 from dfqkit.losses.sim_loss2 import SimLoss2
 from dfqkit.losses.soft_target_ce import SoftTargetCE
+from dfqkit.losses.synthesis import FocalCE, TargetProbabilityLoss, ZeroQBNSLoss
 from dfqkit.losses.tv_prior import TVPrior
 
 __all__ = [
     "AdaptiveMarginLoss",
     "DifferenceEntropyLoss",
     "BNStatsLoss",
+    "FocalCE",
     "KDLoss",
     "Loss",
     "PatchSimilarityEntropy",
     "SimLoss1",
     "SimLoss2",
     "SoftTargetCE",
+    "TargetProbabilityLoss",
     "TVPrior",
+    "ZeroQBNSLoss",
 ]

@@ -1,0 +1,117 @@
+"""Losses of synthesis by optimisation (learnable pixels against the teacher): ZeroQ's
+per-sample statistics loss with its input prior, IntraQ's target-probability loss, HAST's
+focal cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dfqkit.losses.base import Loss
+from dfqkit.registry import register
+from dfqkit.step import Step
+
+
+def _per_sample_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(b, c, ...) -> (mean (b, c), std (b, c))`` over the spatial positions of each sample;
+    the std is ``sqrt(unbiased var + eps)``."""
+    flat = x.flatten(2)
+    var, mean = torch.var_mean(flat, dim=2, correction=1)
+    return mean, (var + eps).sqrt()
+
+
+def _sq_dist_per_sample(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``‖target − value‖² / b`` with ``target (c,)`` broadcast over ``value (b, c)``."""
+    return (value - target).pow(2).sum() / value.shape[0]
+
+
+@register("losses")
+class ZeroQBNSLoss(Loss):
+    """ZeroQ's statistics loss: for every BatchNorm layer, the per-sample channel mean and
+    standard deviation of its input (over the spatial positions) against the running mean and
+    ``sqrt(running_var + eps)``, as ``‖μ − μ̂_i‖² / b`` summed over samples, channels and
+    layers (not averaged); with ``input_prior`` the same two terms for the image itself
+    against mean 0 and std 1 per channel. The standard deviation, not the variance, is
+    matched, and the statistics are per sample, unlike GDFQ's batch statistics
+    (:class:`~dfqkit.losses.BNStatsLoss`). BN inputs without spatial positions are skipped.
+
+    Reference: Cai et al., "ZeroQ", CVPR 2020 (baselines.md §2.1).
+
+    Args:
+        input_prior: add the input image's statistics terms.
+        eps: added to the variances before the square root (ZeroQ: 1e-6).
+    """
+
+    needs = frozenset({"bn_inputs"})
+    requires_bn = True
+
+    def __init__(self, *, input_prior: bool = True, eps: float = 1e-6, **kw) -> None:
+        super().__init__(**kw)
+        self.input_prior, self.eps = bool(input_prior), float(eps)
+
+    def compute(self, step: Step) -> torch.Tensor:
+        total = 0.0
+        for x, bn in step.teacher_taps["bn_inputs"]:
+            if x.dim() < 3:
+                continue
+            mean, std = _per_sample_stats(x.float(), self.eps)
+            total = total + _sq_dist_per_sample(bn.running_mean, mean)
+            total = total + _sq_dist_per_sample((bn.running_var + self.eps).sqrt(), std)
+        if self.input_prior:
+            mean, std = _per_sample_stats(step.batch.images.float(), self.eps)
+            total = total + _sq_dist_per_sample(torch.zeros_like(mean[0]), mean)
+            total = total + _sq_dist_per_sample(torch.ones_like(std[0]), std)
+        if not torch.is_tensor(total):
+            raise ValueError("ZeroQBNSLoss found no BatchNorm input with spatial positions")
+        return total
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, input_prior={self.input_prior}, eps={self.eps}"
+
+
+@register("losses")
+class TargetProbabilityLoss(Loss):
+    """IntraQ's class term: ``mean_i (softmax(F(x_i))_{y_i} − t_i)²``, pulling each image's
+    teacher probability of its label to a target ``t_i`` rather than to 1, so images of one
+    class differ in how typical they are. ``t_i`` comes with the batch
+    (``batch.mix["target_prob"]``, drawn by :class:`~dfqkit.generators.SyntheticSet` once per
+    synthesized batch: ``U[low, 1]`` for a random half of the samples, 1 for the rest); without
+    it every target is 1.
+
+    Reference: Zhong et al., "IntraQ", CVPR 2022 (baselines.md §2.7).
+    """
+
+    def compute(self, step: Step) -> torch.Tensor:
+        prob = step.teacher_logits.float().softmax(dim=1)
+        p_y = prob.gather(1, step.batch.labels[:, None]).squeeze(1)
+        target = step.batch.mix.get("target_prob")
+        target = torch.ones_like(p_y) if target is None else target.to(p_y)
+        return (p_y - target).pow(2).mean()
+
+
+@register("losses")
+class FocalCE(Loss):
+    """HAST's hard-sample term: ``mean_i (1 − p_{y_i})^γ · CE(F(x_i), y_i)``, weighting images
+    the teacher finds hard (low ``p_y``) more; ``p_y`` is detached in the weight.
+
+    Reference: Li et al., "HAST", CVPR 2023 (baselines.md §2.8: β = weight 10, γ 2 CIFAR;
+    β 0.1, γ 0.5 ImageNet).
+
+    Args:
+        gamma: focusing exponent.
+    """
+
+    def __init__(self, *, gamma: float = 2.0, **kw) -> None:
+        super().__init__(**kw)
+        if not isinstance(gamma, int | float) or gamma < 0:
+            raise ValueError(f"FocalCE.gamma must be a number >= 0, got {gamma!r}")
+        self.gamma = float(gamma)
+
+    def compute(self, step: Step) -> torch.Tensor:
+        logits = step.teacher_logits.float()
+        ce = F.cross_entropy(logits, step.batch.labels, reduction="none")
+        p_y = torch.exp(-ce.detach())
+        return ((1 - p_y).pow(self.gamma) * ce).mean()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, gamma={self.gamma}"

@@ -1,0 +1,180 @@
+"""SyntheticSet (stage one: pixels optimised against the teacher, cached; stage two: served), its
+augmentations and the synthesis losses, against independent formulations."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfqkit.data import EvalData
+from dfqkit.generators import SyntheticSet
+from dfqkit.generators.augment import apply_crops, crop_boxes, random_resized_crop
+from dfqkit.losses import FocalCE, TargetProbabilityLoss, ZeroQBNSLoss
+from dfqkit.step import Step, SynthBatch
+from dfqkit.taps import Taps
+
+
+def _teacher():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    with torch.no_grad():
+        net[1].running_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+        net[1].running_var.copy_(torch.tensor([1.5, 0.5, 2.0, 1.0]))
+    return net.eval().requires_grad_(False)
+
+
+def _data(size=8):
+    return EvalData(
+        name="toy", num_classes=3, image_size=size, channels=1, mean=(0.5,), std=(0.25,),
+        train=None, val=None, test=None,
+    )  # fmt: skip
+
+
+def test_zeroq_loss_matches_a_loop_over_samples_and_channels():
+    teacher = _teacher()
+    x = torch.randn(5, 1, 6, 6)
+    taps = Taps(teacher, {"bn_inputs"})
+    with taps:
+        logits = teacher(x)
+    step = Step(SynthBatch(labels=torch.zeros(5, dtype=torch.long), images=x), logits, None,
+                teacher_taps=taps.collect())  # fmt: skip
+    taps.remove()
+    got = ZeroQBNSLoss(eps=1e-6)(step)
+    conv_out = teacher[0](x)
+    bn, eps, want = teacher[1], 1e-6, 0.0
+    for feats, mu, sd in (
+        (conv_out, bn.running_mean, (bn.running_var + eps).sqrt()),
+        (x, torch.zeros(1), torch.ones(1)),
+    ):
+        for i in range(feats.shape[0]):
+            for c in range(feats.shape[1]):
+                v = feats[i, c].flatten()
+                want += (float(mu[c]) - float(v.mean())) ** 2 / feats.shape[0]
+                want += (
+                    float(sd[c]) - (float(v.var(unbiased=True)) + eps) ** 0.5
+                ) ** 2 / feats.shape[0]
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_target_probability_and_focal_ce_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    p = logits.softmax(1)
+    batch = SynthBatch(labels=labels, mix={"target_prob": torch.tensor([0.9, 1.0])})
+    step = Step(batch, logits, None)
+    want = ((p[0, 0] - 0.9) ** 2 + (p[1, 2] - 1.0) ** 2) / 2
+    assert float(TargetProbabilityLoss()(step)) == pytest.approx(float(want))
+    ce = -p[torch.arange(2), labels].log()
+    focal = ((1 - p[torch.arange(2), labels]) ** 2 * ce).mean()
+    assert float(FocalCE(gamma=2.0, weight=10.0)(step)) == pytest.approx(10 * float(focal))
+    assert float(FocalCE(gamma=0.0)(step)) == pytest.approx(float(F.cross_entropy(logits, labels)))
+
+
+def test_crops_identity_flip_and_gradient():
+    x = torch.randn(4, 2, 6, 6, requires_grad=True)
+    theta = crop_boxes(4, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
+    torch.testing.assert_close(apply_crops(x, theta), x)
+    g = torch.Generator().manual_seed(3)
+    theta = crop_boxes(4, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=True, generator=g)
+    flipped = theta[:, 0, 0] < 0
+    assert 0 < int(flipped.sum()) < 4  # a per-sample draw
+    out = apply_crops(x, theta)
+    torch.testing.assert_close(out[flipped], x[flipped].flip(3))
+    torch.testing.assert_close(out[~flipped], x[~flipped])
+    random_resized_crop(x, scale=(0.3, 0.6)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def _set(tmp_path, **kw):
+    args = dict(
+        data=_data(), losses=[ZeroQBNSLoss()], num_images=8, synth_batch_size=4, iterations=5,
+        lr=0.1, cache_dir=str(tmp_path), seed=1,
+    )  # fmt: skip
+    args.update(kw)
+    return SyntheticSet(**args)
+
+
+def _bind(s, teacher):
+    s.bind(teacher=teacher, generator=s, example=torch.zeros(2, 1, 8, 8))
+
+
+def test_synthesis_lowers_the_loss_is_cached_and_resumes_batch_by_batch(tmp_path, monkeypatch):
+    teacher = _teacher()
+    s = _set(tmp_path)
+    _bind(s, teacher)
+    assert s.images.shape == (8, 1, 8, 8) and s.labels.shape == (8,)
+    files = sorted(p.name for p in s.cache_path.iterdir())
+    assert files == ["batch_0000.safetensors", "batch_0001.safetensors"]
+    # more iterations lower ZeroQ's loss on the same starting noise
+    longer = _set(tmp_path / "b", iterations=40)
+    _bind(longer, teacher)
+
+    def loss_of(images):
+        taps = Taps(teacher, {"bn_inputs"})
+        with taps:
+            logits = teacher(images)
+        step = Step(SynthBatch(labels=s.labels, images=images), logits, None,
+                    teacher_taps=taps.collect())  # fmt: skip
+        taps.remove()
+        return float(ZeroQBNSLoss()(step))
+
+    assert loss_of(longer.images) < loss_of(s.images)
+    # a second run with the same teacher and settings reads the cache
+    calls = []
+    original = SyntheticSet._synthesize
+
+    def spy(self, teacher, batches, *a, **k):
+        calls.append(list(batches))
+        return original(self, teacher, batches, *a, **k)
+
+    monkeypatch.setattr(SyntheticSet, "_synthesize", spy)
+    again = _set(tmp_path)
+    _bind(again, teacher)
+    assert calls == [] and torch.equal(again.images, s.images)
+    # a run killed after batch 0: only batch 1 is made again, bit for bit the same
+    (s.cache_path / "batch_0001.safetensors").unlink()
+    third = _set(tmp_path)
+    _bind(third, teacher)
+    assert calls == [[1]] and torch.equal(third.images, s.images)
+    # another setting or another teacher is another set
+    assert _set(tmp_path, iterations=6).key(teacher) != s.key(teacher)
+    other = _teacher()
+    with torch.no_grad():
+        other[0].weight.add_(1e-3)
+    assert s.key(other) != s.key(teacher)
+
+
+def test_serving_walks_a_permutation_and_resumes_its_order(tmp_path):
+    s = _set(tmp_path)
+    _bind(s, _teacher())
+    index = {float(s.images[i].sum()): i for i in range(8)}
+    seen = [
+        index[float(im.sum())] for _ in range(2) for im in s.sample(4, torch.device("cpu")).images
+    ]
+    assert sorted(seen) == list(range(8))  # one pass = every image once
+    state = s.get_extra_state()
+    nxt = s.sample(3, torch.device("cpu")).images
+    t = _set(tmp_path)
+    _bind(t, _teacher())
+    t.set_extra_state(state)
+    torch.testing.assert_close(t.sample(3, torch.device("cpu")).images, nxt)
+
+
+def test_target_probabilities_and_bad_settings(tmp_path):
+    s = _set(tmp_path, target_prob_low=0.6, losses=[TargetProbabilityLoss()], labels="balanced")
+    _, labels, mix, _ = s._initial(0, torch.device("cpu"))
+    t = mix["target_prob"]
+    assert labels.tolist() == [0, 1, 2, 0] and ((t >= 0.6) & (t <= 1.0)).all()
+    with pytest.raises(ValueError, match="num_images=10 must be a multiple of synth_batch_size=4"):
+        _set(tmp_path, num_images=10)
+    with pytest.raises(ValueError, match="crop_scale must be None or"):
+        _set(tmp_path, crop_scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match="init must be one of"):
+        _set(tmp_path, init="zeros")
