@@ -11,7 +11,10 @@ import torch
 from dfqkit.models.cifar_resnet20 import cifar_resnet20
 from dfqkit.train import run
 
-FAMILIES = ["gdfq", "qimera", "ait", "adasg", "adadfq", "mixup", "image_mixup", "diversity"]
+FAMILIES = [
+    "gdfq", "qimera", "ait", "adasg", "adadfq", "mixup", "image_mixup", "diversity",
+    "zeroq", "intraq", "hast",
+]  # fmt: skip
 SHRINK = [
     "EPOCHS = 2",
     "ITERS_PER_EPOCH = 1",
@@ -51,6 +54,12 @@ def test_real_recipe_runs(family, cifar100, tmp_path):
     ]
     if family == "diversity":
         params += ["EMBED_EPOCHS = 1", "DIM = 8", "HEADS = 2", "BLOCKS = 1"]
+    if family in ("zeroq", "intraq", "hast"):
+        params += ["SYNTH_IMAGES = 8", "SYNTH_BATCH = 4", "SYNTH_ITERS = 2"]
+        params.append(f"generators.SyntheticSet.cache_dir = '{tmp_path / 'synthetic'}'")
+    if family == "zeroq":  # PTQ: one calibration epoch
+        params = [p for p in params if not p.startswith(("EPOCHS", "train.warmup"))]
     m = run([f"recipes/{family}/resnet20_cifar100_w4a4.gin"], params, output_dir=tmp_path / "r")
-    assert m["epochs_done"] == 2 and m["w_bits"] == 4 and m["a_bits"] == 4
+    assert m["epochs_done"] == (1 if family == "zeroq" else 2)
+    assert m["w_bits"] == 4 and m["a_bits"] == 4
     assert 0.0 <= m["last"]["test_top1"] <= 100.0
