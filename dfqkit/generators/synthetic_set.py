@@ -107,6 +107,10 @@ class SyntheticSet(Generator):
         flip: flips with the crops (both stages).
         cache_dir: where sets are kept (default ``$DFQKIT_CACHE/synthetic`` or
             ``~/.cache/dfqkit/synthetic``).
+        group_batches: batches per group for losses that look back at earlier groups (IntraQ's
+            :class:`~dfqkit.losses.IntraClassMarginLoss`, official 5 batches of 256): before a
+            group is optimised they observe every image of the groups before it. Such losses
+            make the synthesis sequential (one process makes every batch).
         seed: seed of the initial pixels, labels and augmentations of stage one (batch ``k``
             uses ``seed + k``) and of the sampling order of stage two.
     """
@@ -136,6 +140,7 @@ class SyntheticSet(Generator):
         crop_scale: tuple[float, float] | None = None,
         flip: bool = True,
         plateau_sync_every: int = 10,
+        group_batches: int | None = None,
         cache_dir: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -156,6 +161,9 @@ class SyntheticSet(Generator):
         self.jitter = _int("jitter", jitter, 0)
         self.plateau_sync_every = _int("plateau_sync_every", plateau_sync_every, 1)
         self.seed = _int("seed", seed, 0)
+        self.group_batches = (
+            None if group_batches is None else _int("group_batches", group_batches, 1)
+        )
         if init not in INITS:
             raise ValueError(f"SyntheticSet.init must be one of {INITS}, got {init!r}")
         if labels not in LABELS:
@@ -249,7 +257,7 @@ class SyntheticSet(Generator):
                     "num_images", "synth_batch_size", "iterations", "lr", "betas",
                     "plateau_factor", "plateau_patience", "min_lr", "init", "label_mode",
                     "target_prob_low", "synth_augment_prob", "synth_crop_scale", "jitter",
-                    "flip", "seed",
+                    "flip", "seed", "group_batches",
                 )
             },
         }  # fmt: skip
@@ -270,14 +278,17 @@ class SyntheticSet(Generator):
             rank, world = dist.get_rank(), dist.get_world_size()
             self._rng.manual_seed(self.seed + 100_003 * rank)  # each process its own order
         todo = [k for k in range(n_batches) if not (root / f"batch_{k:04d}.safetensors").is_file()]
-        mine = [k for k in todo if k % world == rank]
+        looks_back = any(hasattr(loss, "observe") for loss in self.synth_losses)
+        mine = [
+            k for k in todo if (k % world == rank and not looks_back) or (looks_back and rank == 0)
+        ]
         if todo and rank == 0:
             logger.info(
                 f"synthesizing {len(todo)} of {n_batches} batches into {root} "
                 f"({self.iterations} iterations each)"
             )
         if mine:
-            self._synthesize(teacher, mine, root, device, show=rank == 0)
+            self._synthesize(teacher, mine, root, example, show=rank == 0)
         if world > 1:
             dist.barrier()
         from safetensors.torch import load_file
@@ -308,13 +319,39 @@ class SyntheticSet(Generator):
             mix["target_prob"] = torch.where(soft, t, torch.ones(b)).to(device)
         return x.to(device), labels.to(device), mix, gen
 
-    def _synthesize(self, teacher, batches, root: Path, device, *, show: bool) -> None:
+    def _look_back(self, teacher, taps: Taps, root: Path, group: int, device) -> None:
+        """Let the looking-back losses observe every image of the groups before ``group``."""
+        from safetensors.torch import load_file
+
+        watchers = [loss for loss in self.synth_losses if hasattr(loss, "observe")]
+        for loss in watchers:
+            loss.reset()
+        for j in range(group * self.group_batches):
+            part = load_file(str(root / f"batch_{j:04d}.safetensors"))
+            images, labels = part["images"].to(device), part["labels"].to(device)
+            with torch.no_grad(), taps:
+                logits = teacher(images)
+            step = Step(SynthBatch(labels=labels, images=images), logits, None,
+                        teacher_taps=taps.collect(), epoch=0)  # fmt: skip
+            for loss in watchers:
+                loss.observe(loss.features(step), labels, self.num_classes)
+
+    def _synthesize(self, teacher, batches, root: Path, example, *, show: bool) -> None:
         from safetensors.torch import save_file
 
+        device = example.device
         needs = set().union(*(loss.needs for loss in self.synth_losses))
-        taps = Taps(teacher, needs, model_name="the teacher")
+        parts = {loss.stage_parts for loss in self.synth_losses if "stages" in loss.needs}
+        taps = Taps(teacher, needs, model_name="the teacher", stage_parts=parts, example=example)
+        looks_back = self.group_batches is not None and any(
+            hasattr(loss, "observe") for loss in self.synth_losses
+        )
+        group = None
         try:
             for k in tqdm(batches, desc="synthesis", disable=not show, leave=False):
+                if looks_back and k // self.group_batches != group:
+                    group = k // self.group_batches
+                    self._look_back(teacher, taps, root, group, device)
                 x, labels, mix, gen = self._initial(k, device)
                 x.requires_grad_(True)
                 targets = F.one_hot(labels, self.num_classes).float()

@@ -8,7 +8,12 @@ from dfqkit.losses.patch_similarity import PatchSimilarityEntropy
 from dfqkit.losses.sim_loss1 import SimLoss1
 from dfqkit.losses.sim_loss2 import SimLoss2
 from dfqkit.losses.soft_target_ce import SoftTargetCE
-from dfqkit.losses.synthesis import FocalCE, TargetProbabilityLoss, ZeroQBNSLoss
+from dfqkit.losses.synthesis import (
+    FocalCE,
+    IntraClassMarginLoss,
+    TargetProbabilityLoss,
+    ZeroQBNSLoss,
+)
 from dfqkit.losses.tv_prior import TVPrior
 
 __all__ = [
@@ -16,6 +21,7 @@ __all__ = [
     "DifferenceEntropyLoss",
     "BNStatsLoss",
     "FocalCE",
+    "IntraClassMarginLoss",
     "KDLoss",
     "Loss",
     "PatchSimilarityEntropy",

@@ -115,3 +115,71 @@ class FocalCE(Loss):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gamma={self.gamma}"
+
+
+@register("losses")
+class IntraClassMarginLoss(Loss):
+    """IntraQ's intra-class heterogeneity term: the teacher's penultimate feature ``f_i`` of each
+    image should lie at a cosine distance ``d_i = 1 − cos(f_i, c_{y_i})`` between ``low`` and
+    ``high`` from its class centroid ``c_y``: ``mean_i [relu(low − d_i) + relu(d_i − high)]``
+    over the samples whose class has a centroid (zero before any has).
+
+    The centroids are the mean penultimate features of the images finished in earlier groups
+    (:class:`~dfqkit.generators.SyntheticSet` calls :meth:`observe` after each group of
+    ``group_batches`` batches), so a new group is pushed neither onto nor too far from what
+    earlier groups made. The penultimate feature is the pooled output of the teacher's last
+    block (the ``stages`` tap with one part).
+
+    Reference: Zhong et al., "IntraQ", CVPR 2022 (baselines.md §2.7: C10 0.05 / 0.8, C100
+    0.02 / 1.0, ImageNet off).
+
+    Args:
+        low, high: the cosine-distance band.
+    """
+
+    needs = frozenset({"stages"})
+    stage_parts = 1
+
+    def __init__(self, *, low: float = 0.05, high: float = 0.8, **kw) -> None:
+        super().__init__(**kw)
+        if not (
+            isinstance(low, int | float) and isinstance(high, int | float) and 0 <= low <= high
+        ):
+            raise ValueError(
+                f"IntraClassMarginLoss needs 0 <= low <= high, got low={low!r}, high={high!r}"
+            )
+        self.low, self.high = float(low), float(high)
+        self.register_buffer("sums", torch.empty(0), persistent=False)
+        self.register_buffer("counts", torch.empty(0), persistent=False)
+
+    @staticmethod
+    def features(step: Step) -> torch.Tensor:
+        return step.teacher_taps["stages"][1][-1]
+
+    def reset(self) -> None:
+        self.sums, self.counts = torch.empty(0), torch.empty(0)
+
+    @torch.no_grad()
+    def observe(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+        """Add finished images' penultimate features to their classes' centroids."""
+        features = features.float()
+        if self.sums.numel() == 0:
+            self.sums = features.new_zeros(num_classes, features.shape[1])
+            self.counts = features.new_zeros(num_classes)
+        self.sums.index_add_(0, labels, features)
+        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=features.dtype))
+
+    def compute(self, step: Step) -> torch.Tensor:
+        f = self.features(step).float()
+        if self.sums.numel() == 0:
+            return f.sum() * 0.0
+        labels = step.batch.labels
+        count = self.counts[labels]
+        centroid = self.sums[labels] / count.clamp(min=1)[:, None]
+        d = 1 - F.cosine_similarity(f, centroid, dim=1)
+        per = F.relu(self.low - d) + F.relu(d - self.high)
+        valid = (count > 0).to(per.dtype)
+        return (per * valid).sum() / valid.sum().clamp(min=1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, low={self.low}, high={self.high}"

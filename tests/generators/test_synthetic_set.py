@@ -178,3 +178,45 @@ def test_target_probabilities_and_bad_settings(tmp_path):
         _set(tmp_path, crop_scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="init must be one of"):
         _set(tmp_path, init="zeros")
+
+
+def test_intra_class_margin_by_hand():
+    from dfqkit.losses import IntraClassMarginLoss
+
+    loss = IntraClassMarginLoss(low=0.1, high=0.5)
+    f = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    step = Step(
+        SynthBatch(labels=labels), torch.zeros(3, 2), None, teacher_taps={"stages": {1: [f]}}
+    )
+    assert float(loss(step)) == 0.0  # no centroid yet
+    loss.observe(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([0, 0]), num_classes=3)
+    # class 0 centroid (2, 0): d = 0 for sample 0 (below low: 0.1), d = 1 for sample 1 (above
+    # high: 0.5); class 1 has no centroid and does not count
+    assert float(loss(step)) == pytest.approx(((0.1 - 0.0) + (1.0 - 0.5)) / 2)
+
+
+def test_groups_look_back_at_the_images_of_earlier_groups(tmp_path, monkeypatch):
+    from dfqkit.losses import IntraClassMarginLoss
+    from dfqkit.models.mnist_resnet import mnist_resnet
+
+    torch.manual_seed(0)
+    teacher = mnist_resnet(num_classes=3, weights=None).eval().requires_grad_(False)
+    margin = IntraClassMarginLoss(low=0.0, high=0.5)
+    seen = []
+    original = IntraClassMarginLoss.observe
+
+    def spy(self, features, labels, num_classes):
+        seen.append(labels.clone())
+        return original(self, features, labels, num_classes)
+
+    monkeypatch.setattr(IntraClassMarginLoss, "observe", spy)
+    s = _set(tmp_path, losses=[ZeroQBNSLoss(), margin], num_images=12, group_batches=1,
+             data=_data(size=28), iterations=2)  # fmt: skip
+    s.bind(teacher=teacher, generator=s, example=torch.zeros(2, 1, 28, 28))
+    # before group 1 it saw batch 0; before group 2 batches 0 and 1
+    assert [len(x) for x in seen] == [4, 4, 4]
+    torch.testing.assert_close(torch.cat(seen[1:]), s.labels[:8])
+    expected = torch.zeros(3)
+    expected.index_add_(0, s.labels[:8], torch.ones(8))
+    torch.testing.assert_close(margin.counts, expected)
