@@ -48,6 +48,21 @@ def _generator(name):
         return get("generators", name)(data=digits())
     if name == "PixelBank":
         return get("generators", name)(data=digits(), num_images=5, jitter=1)
+    if name == "SyntheticSet":
+        import tempfile
+
+        from dfqkit.losses import ZeroQBNSLoss
+
+        teacher = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10),
+        ).eval()  # fmt: skip
+        gen = get("generators", name)(
+            data=digits(), losses=[ZeroQBNSLoss()], num_images=6, synth_batch_size=3,
+            iterations=2, cache_dir=tempfile.mkdtemp(), crop_scale=(0.5, 1.0),
+        )  # fmt: skip
+        gen.bind(teacher=teacher, generator=gen, example=torch.zeros(2, 1, 8, 8))
+        return gen
     return get("generators", name)(num_classes=10, image_size=8, channels=1)
 
 
@@ -119,7 +134,15 @@ def test_losses_are_weighted_differentiable_scalars_on_their_side(name):
     from dfqkit.registry import get
 
     cls = get("losses", name)
-    loss = cls()
+
+    def build(**kw):
+        loss = cls(**kw)
+        if hasattr(loss, "observe"):  # a loss that looks back at earlier images: give it some
+            feats = _step().teacher_taps["stages"][1][0].detach()
+            loss.observe(-feats, _step().batch.labels, num_classes=3)
+        return loss
+
+    loss = build()
     assert isinstance(loss, Loss) and loss.side in SIDES
     step = _step()
     value = loss(step)
@@ -128,7 +151,7 @@ def test_losses_are_weighted_differentiable_scalars_on_their_side(name):
     inputs = [trained, step.batch.images]
     grads = torch.autograd.grad(value, inputs, allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads), "no gradient reaches the side"
-    torch.testing.assert_close(cls(weight=3.0)(_step()), 3 * value.detach())
+    torch.testing.assert_close(build(weight=3.0)(_step()), 3 * value.detach())
 
 
 @pytest.mark.parametrize("name", _names("quantizers"))
