@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-TAP_NAMES = frozenset({"bn_inputs", "activations", "stages", "attention"})
+TAP_NAMES = frozenset({"bn_inputs", "activations", "stages", "attention", "block_attention"})
 
 
 @dataclass

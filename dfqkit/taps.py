@@ -101,6 +101,10 @@ class Taps:
         ``stages``: pooled features ``(b, C_j)`` at the ends of ``J`` even parts of the model
             (:mod:`dfqkit.models.split`), as a dict ``{J: [J tensors]}`` for every ``J`` in
             ``stage_parts``; only the cut blocks are hooked.
+        ``block_attention``: for every block (:func:`~dfqkit.models.split.find_blocks`), in
+            execution order, the L2-normalised channel attention of its output,
+            ``normalize(mean over positions of out²)`` of shape ``(b, C)`` (HAST's feature
+            attention).
 
     Args:
         model: the model to tap.
@@ -114,7 +118,7 @@ class Taps:
             unknown tap name.
     """
 
-    SUPPORTED = ("bn_inputs", "activations", "stages", "attention")
+    SUPPORTED = ("bn_inputs", "activations", "stages", "attention", "block_attention")
 
     def __init__(
         self,
@@ -168,6 +172,12 @@ class Taps:
             self._attention_modes: list[Any] = []
         self._stage_cuts: dict[int, list[int]] = {}
         self._channels_last = False
+        if "block_attention" in self.needs:
+            blocks = find_blocks(model, example)
+            self._channels_last = is_channels_last(blocks)
+            modules = dict(model.named_modules())
+            for name in blocks:
+                self._handles.append(modules[name].register_forward_hook(self._block_attention))
         if "stages" in self.needs:
             parts = sorted(set(stage_parts))
             if not parts:
@@ -208,6 +218,12 @@ class Taps:
             if mode.product is None:
                 raise RuntimeError(f"{type(module).__name__} made no second matmul to record")
             self.store["attention"].append(mode.product)
+
+    def _block_attention(self, _module: nn.Module, _args: Any, output: Any) -> None:
+        if self.enabled:
+            x = output[0] if isinstance(output, tuple) else output
+            squares = pool_features(x.float().pow(2), channels_last=self._channels_last)
+            self.store["block_attention"].append(torch.nn.functional.normalize(squares, dim=1))
 
     def _stage_hook(self, index: int):
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:

@@ -119,6 +119,7 @@ def train(
     trackers: Sequence[str] | str | None = "auto",
     max_nonfinite_in_a_row: int = 20,
     deterministic: bool = False,
+    perturbation_eps: float = 0.0,
 ) -> dict[str, Any]:
     """Run one DFQ experiment and return its metrics (also written to ``metrics.json``).
 
@@ -179,6 +180,9 @@ def train(
             cuDNN autotuning, ``CUBLAS_WORKSPACE_CONFIG``); an op without a deterministic
             implementation then raises. CPU runs are deterministic without it
             (docs/training.md, "Determinism").
+        perturbation_eps: HAST's one-step perturbed sample in the student step (0: off): the
+            student loss is also computed on ``x + eps · sign(∇x L)`` and added
+            (:class:`~dfqkit.engine.Engine`).
     """
     global _LOOP_STARTED
     _LOOP_STARTED = False
@@ -219,6 +223,10 @@ def train(
     if calibration not in CALIBRATIONS:
         raise cfg.ConfigError(
             f"train.calibration must be one of {CALIBRATIONS}, got {calibration!r}"
+        )
+    if not isinstance(perturbation_eps, int | float) or perturbation_eps < 0:
+        raise cfg.ConfigError(
+            f"train.perturbation_eps must be a number >= 0, got {perturbation_eps!r}"
         )
     if not isinstance(deterministic, bool):
         raise cfg.ConfigError(f"train.deterministic must be True or False, got {deterministic!r}")
@@ -301,6 +309,7 @@ def train(
         student_optimizer=student_opt,
         batch_size=batch_size,
         example=example,
+        perturbation_eps=perturbation_eps,
     )
     if benchmark is not None:
         return _benchmark(engine, student, *benchmark)

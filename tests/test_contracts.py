@@ -124,8 +124,9 @@ def _step():
         "activations": [x.relu()],
         "stages": {1: [x.mean((2, 3))]},
         "attention": [x * 1.5],  # (b, heads, tokens, head_dim)
+        "block_attention": [F.normalize(x.pow(2).mean((2, 3)), dim=1)],
     }
-    student_taps = {"activations": [x * x]}
+    student_taps = {"activations": [x * x], "block_attention": [F.normalize(x.mean((2, 3)), dim=1)]}
     return Step(batch, teacher, student, teacher_taps=taps, student_taps=student_taps)
 
 

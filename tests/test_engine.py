@@ -1,5 +1,6 @@
 """One iteration of the loop on tiny models: phases, reuse of the batch, no teacher gradients."""
 
+import pytest
 import torch
 from accelerate import Accelerator
 from torch import nn
@@ -113,3 +114,71 @@ def test_a_loss_reading_the_student_in_the_generator_step():
     set_quant_mode(student, "frozen")
     engine.iteration(Phase(generator=True, observe=False, student=True), epoch=1)
     assert any(not torch.equal(a, b) for a, b in zip(s0, _params(student), strict=True))
+
+
+def test_perturbed_sample_doubles_the_batch_with_the_sign_gradient_step():
+    """HAST: x' = x + eps·sign(∇x L(x)) from an independent computation of L; the student then
+    sees [x; x'] with the teacher's logits on both, and the loss is L(x) + L(x')."""
+    from dfqkit.step import Step, SynthBatch
+
+    engine, teacher, student, _ = _engine([SoftTargetCE(), KDLoss()])
+    engine.perturbation_eps = 0.05
+    torch.manual_seed(1)
+    x = torch.randn(6, 1, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    batch = SynthBatch(labels=labels, targets=torch.nn.functional.one_hot(labels, 3).float(),
+                       images=x)  # fmt: skip
+    t_logits = teacher(x)
+    set_quant_mode(student, "observe")
+    with torch.no_grad():
+        student(x)
+    set_quant_mode(student, "frozen")
+    doubled, both_logits, _ = engine._with_perturbed(batch, t_logits, {}, epoch=0)
+    xr = x.clone().requires_grad_(True)
+    loss = KDLoss()(Step(batch.replace(images=xr), t_logits, student(xr)))
+    (g,) = torch.autograd.grad(loss, xr)
+    adv = x + 0.05 * g.sign()
+    torch.testing.assert_close(doubled.images, torch.cat([x, adv]))
+    torch.testing.assert_close(both_logits, torch.cat([t_logits, teacher(adv)]))
+    assert doubled.labels.tolist() == labels.tolist() * 2
+    assert all(p.grad is None for p in student.parameters())  # no weight gradient from the probe
+    # the student step's loss is L(x) + L(x')
+    s_both = student(doubled.images)
+    l_both = 2 * KDLoss()(Step(doubled, both_logits, s_both))
+    l_sum = KDLoss()(Step(batch, t_logits, student(x))) + KDLoss()(
+        Step(batch.replace(images=adv), teacher(adv), student(adv))
+    )
+    torch.testing.assert_close(l_both, l_sum)
+
+
+def test_block_attention_tap_and_feature_attention_loss():
+    from dfqkit.losses import FeatureAttentionLoss
+    from dfqkit.models.mnist_resnet import mnist_resnet
+    from dfqkit.models.split import find_blocks
+    from dfqkit.step import Step, SynthBatch
+    from dfqkit.taps import Taps
+
+    torch.manual_seed(0)
+    model = mnist_resnet(weights=None).eval()
+    x = torch.randn(3, 1, 28, 28)
+    taps = Taps(model, {"block_attention"}, example=x)
+    with taps:
+        model(x)
+    got = taps.collect()["block_attention"]
+    taps.remove()
+    names = find_blocks(model, x)
+    assert len(got) == len(names)
+    outs = {}
+    block = dict(model.named_modules())[names[-1]]
+    h = block.register_forward_hook(lambda m, a, o: outs.setdefault("o", o))
+    model(x)
+    h.remove()
+    want = torch.nn.functional.normalize(outs["o"].pow(2).mean((2, 3)), dim=1)
+    torch.testing.assert_close(got[-1], want)
+    assert torch.allclose(got[0].norm(dim=1), torch.ones(3))
+    t = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.6, 0.8]])]
+    s = [torch.tensor([[0.0, 1.0]]), torch.tensor([[0.6, 0.8]])]
+    one = SynthBatch(labels=torch.zeros(1, dtype=torch.long))
+    step = Step(one, None, None, teacher_taps={"block_attention": t},
+                student_taps={"block_attention": s})  # fmt: skip
+    assert float(FeatureAttentionLoss(weight=10.0)(step)) == pytest.approx(10 * (1 + 1) / 2)

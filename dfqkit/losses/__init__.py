@@ -9,6 +9,7 @@ from dfqkit.losses.sim_loss1 import SimLoss1
 from dfqkit.losses.sim_loss2 import SimLoss2
 from dfqkit.losses.soft_target_ce import SoftTargetCE
 from dfqkit.losses.synthesis import (
+    FeatureAttentionLoss,
     FocalCE,
     IntraClassMarginLoss,
     TargetProbabilityLoss,
@@ -20,6 +21,7 @@ __all__ = [
     "AdaptiveMarginLoss",
     "DifferenceEntropyLoss",
     "BNStatsLoss",
+    "FeatureAttentionLoss",
     "FocalCE",
     "IntraClassMarginLoss",
     "KDLoss",

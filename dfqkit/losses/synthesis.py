@@ -183,3 +183,29 @@ class IntraClassMarginLoss(Loss):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, low={self.low}, high={self.high}"
+
+
+@register("losses")
+class FeatureAttentionLoss(Loss):
+    """HAST's feature-attention alignment (a student loss): for every block ``l``,
+    ``mean((a_S,l − a_T,l)²)`` summed over blocks, with ``a = normalize(mean over positions of
+    out²)`` the L2-normalised channel attention of the block's output (the ``block_attention``
+    tap on both models).
+
+    Reference: Li et al., "HAST", CVPR 2023 (baselines.md §2.8: λ = weight 1000 CIFAR, 4000
+    ImageNet; the official code taps each residual block's body, dfqkit the block's output).
+    """
+
+    default_side = "student"
+    needs = frozenset({"block_attention"})
+    needs_student_taps = frozenset({"block_attention"})
+
+    def compute(self, step: Step) -> torch.Tensor:
+        teacher = step.teacher_taps["block_attention"]
+        student = step.student_taps["block_attention"]
+        if len(teacher) != len(student):
+            raise ValueError(
+                f"FeatureAttentionLoss: the teacher has {len(teacher)} blocks, the student "
+                f"{len(student)}"
+            )
+        return sum((s - t).pow(2).mean() for s, t in zip(student, teacher, strict=True))
