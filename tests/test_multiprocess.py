@@ -49,3 +49,30 @@ def test_two_processes_end_identical_and_sample_differently(teacher_env, tmp_pat
         "epoch_0002.png",
     ]
     assert done.stdout.count("run directory:") == 1
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_synthesis_and_share_the_cached_set(teacher_env, tmp_path):
+    out = tmp_path / "zq"
+    cache = tmp_path / "synthetic"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29518", "-m", "dfqkit.train",
+           "--gin", "recipes/mnist/zeroq_w4a4.gin", "--output_dir", str(out)]  # fmt: skip
+    for p in [
+        "SYNTH_IMAGES = 16",
+        "SYNTH_BATCH = 4",
+        "SYNTH_ITERS = 2",
+        "BATCH_SIZE = 4",
+        "ITERS_PER_EPOCH = 2",
+        "train.naive_batches = 2",
+        "train.trackers = None",
+        f"generators.SyntheticSet.cache_dir = '{cache}'",
+    ]:
+        cmd += ["--gin_param", p]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (key,) = list(cache.iterdir())
+    assert sorted(p.name for p in key.iterdir()) == [f"batch_{k:04d}.safetensors" for k in range(4)]
+    report = json.loads((out / "metrics.json").read_text())["processes"]
+    assert report["count"] == 2 and report["identical_student"]  # ranges merged over ranks
