@@ -301,9 +301,10 @@ SYNTH_TINY = ["SYNTH_IMAGES = 16", "SYNTH_BATCH = 8", "SYNTH_ITERS = 2", "train.
 
 
 @pytest.mark.slow
-def test_zeroq_is_ptq_on_a_cached_synthetic_set(teacher_env, tmp_path):
+@pytest.mark.parametrize("method", ["zeroq", "dsg"])
+def test_ptq_on_a_cached_synthetic_set(teacher_env, tmp_path, method):
     params = [*SYNTH_TINY, "BATCH_SIZE = 8", "ITERS_PER_EPOCH = 2", "train.trackers = None"]
-    m = run(["recipes/mnist/zeroq_w4a4.gin"], params, output_dir=tmp_path / "zq")
+    m = run([f"recipes/mnist/{method}_w4a4.gin"], params, output_dir=tmp_path / "zq")
     assert m["epochs_done"] == 1 and m["iterations"] == 2
     assert 0.0 <= m["last"]["test_top1"] <= 100.0
     cached = list((teacher_env / "synthetic").glob("*/batch_*.safetensors"))

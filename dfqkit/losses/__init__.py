@@ -11,6 +11,7 @@ from dfqkit.losses.soft_target_ce import SoftTargetCE
 from dfqkit.losses.synthesis import (
     FeatureAttentionLoss,
     FocalCE,
+    ImagePrior,
     IntraClassMarginLoss,
     TargetProbabilityLoss,
     ZeroQBNSLoss,
@@ -23,6 +24,7 @@ __all__ = [
     "BNStatsLoss",
     "FeatureAttentionLoss",
     "FocalCE",
+    "ImagePrior",
     "IntraClassMarginLoss",
     "KDLoss",
     "Loss",

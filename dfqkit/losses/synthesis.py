@@ -35,38 +35,114 @@ class ZeroQBNSLoss(Loss):
     matched, and the statistics are per sample, unlike GDFQ's batch statistics
     (:class:`~dfqkit.losses.BNStatsLoss`). BN inputs without spatial positions are skipped.
 
-    Reference: Cai et al., "ZeroQ", CVPR 2020 (baselines.md §2.1).
+    DSG's PTQ variant adds two options. ``slack``: a deviation within a margin costs nothing,
+    ``relu(|μ̂ − μ| − m)²`` and ``relu(|σ̂ − σ| − n)²``, with margins computed here rather than
+    loaded (DSG's margin files were never released): the ``slack``-sigma deviation a sample's
+    statistic would show if its ``P`` positions were independent draws from the layer's running
+    distribution, ``m = slack·σ/√P`` and ``n = slack·σ/√(2(P − 1))``. ``layer_emphasis``:
+    sample ``i`` weighs layer ``i mod L`` by this factor (DSG: 2), so different samples match
+    different layers most closely.
+
+    Reference: Cai et al., "ZeroQ", CVPR 2020 (baselines.md §2.1); Zhang et al., "DSG", CVPR
+    2021 (§2.6).
 
     Args:
         input_prior: add the input image's statistics terms.
         eps: added to the variances before the square root (ZeroQ: 1e-6).
+        slack: margin in standard errors (``None``: ZeroQ, no margin).
+        layer_emphasis: weight of sample ``i``'s terms on layer ``i mod L`` (1: off).
     """
 
     needs = frozenset({"bn_inputs"})
     requires_bn = True
 
-    def __init__(self, *, input_prior: bool = True, eps: float = 1e-6, **kw) -> None:
+    def __init__(
+        self,
+        *,
+        input_prior: bool = True,
+        eps: float = 1e-6,
+        slack: float | None = None,
+        layer_emphasis: float = 1.0,
+        **kw,
+    ) -> None:
         super().__init__(**kw)
+        if slack is not None and (not isinstance(slack, int | float) or slack < 0):
+            raise ValueError(f"ZeroQBNSLoss.slack must be None or a number >= 0, got {slack!r}")
+        if not isinstance(layer_emphasis, int | float) or layer_emphasis <= 0:
+            raise ValueError(
+                f"ZeroQBNSLoss.layer_emphasis must be a number > 0, got {layer_emphasis!r}"
+            )
         self.input_prior, self.eps = bool(input_prior), float(eps)
+        self.slack = None if slack is None else float(slack)
+        self.layer_emphasis = float(layer_emphasis)
+
+    def _term(self, mean, std, mu, sigma, positions: int, weights) -> torch.Tensor:
+        dm, ds = (mean - mu).abs(), (std - sigma).abs()
+        if self.slack:
+            dm = F.relu(dm - self.slack * sigma / positions**0.5)
+            ds = F.relu(ds - self.slack * sigma / (2 * max(positions - 1, 1)) ** 0.5)
+        per_sample = dm.pow(2).sum(1) + ds.pow(2).sum(1)  # (b,)
+        if weights is not None:
+            per_sample = per_sample * weights
+        return per_sample.sum() / mean.shape[0]
 
     def compute(self, step: Step) -> torch.Tensor:
+        pairs = [(x, bn) for x, bn in step.teacher_taps["bn_inputs"] if x.dim() >= 3]
+        if not pairs:
+            raise ValueError("ZeroQBNSLoss found no BatchNorm input with spatial positions")
+        b = pairs[0][0].shape[0]
         total = 0.0
-        for x, bn in step.teacher_taps["bn_inputs"]:
-            if x.dim() < 3:
-                continue
+        for layer, (x, bn) in enumerate(pairs):
+            weights = None
+            if self.layer_emphasis != 1.0:
+                owner = torch.arange(b, device=x.device) % len(pairs) == layer
+                weights = 1.0 + (self.layer_emphasis - 1.0) * owner.float()
             mean, std = _per_sample_stats(x.float(), self.eps)
-            total = total + _sq_dist_per_sample(bn.running_mean, mean)
-            total = total + _sq_dist_per_sample((bn.running_var + self.eps).sqrt(), std)
+            sigma = (bn.running_var + self.eps).sqrt()
+            total = total + self._term(mean, std, bn.running_mean, sigma, x[0, 0].numel(), weights)
         if self.input_prior:
-            mean, std = _per_sample_stats(step.batch.images.float(), self.eps)
+            x = step.batch.images.float()
+            mean, std = _per_sample_stats(x, self.eps)
             total = total + _sq_dist_per_sample(torch.zeros_like(mean[0]), mean)
             total = total + _sq_dist_per_sample(torch.ones_like(std[0]), std)
-        if not torch.is_tensor(total):
-            raise ValueError("ZeroQBNSLoss found no BatchNorm input with spatial positions")
         return total
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, input_prior={self.input_prior}, eps={self.eps}"
+        return (
+            f"{super().extra_repr()}, input_prior={self.input_prior}, eps={self.eps}, "
+            f"slack={self.slack}, layer_emphasis={self.layer_emphasis}"
+        )
+
+
+@register("losses")
+class ImagePrior(Loss):
+    """DeepInversion's image priors (used by DSG's PTQ): ``tv_l2 · Σ_d ‖Δ_d x‖`` over the four
+    neighbour differences (horizontal, vertical, two diagonals; L2 norms over the batch) plus
+    ``l2 · mean_i ‖x_i‖``.
+
+    Reference: Yin et al., "DeepInversion", CVPR 2020; DSG (baselines.md §2.6: 0.01 and 0.01).
+
+    Args:
+        tv_l2, l2: the two coefficients.
+    """
+
+    def __init__(self, *, tv_l2: float = 0.01, l2: float = 0.01, **kw) -> None:
+        super().__init__(**kw)
+        self.tv_l2, self.l2 = float(tv_l2), float(l2)
+
+    def compute(self, step: Step) -> torch.Tensor:
+        x = step.batch.images.float()
+        diffs = (
+            x[:, :, :, :-1] - x[:, :, :, 1:],
+            x[:, :, :-1, :] - x[:, :, 1:, :],
+            x[:, :, 1:, :-1] - x[:, :, :-1, 1:],
+            x[:, :, :-1, :-1] - x[:, :, 1:, 1:],
+        )
+        tv = sum(d.norm() for d in diffs)
+        return self.tv_l2 * tv + self.l2 * x.flatten(1).norm(dim=1).mean()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tv_l2={self.tv_l2}, l2={self.l2}"
 
 
 @register("losses")

@@ -220,3 +220,55 @@ def test_groups_look_back_at_the_images_of_earlier_groups(tmp_path, monkeypatch)
     expected = torch.zeros(3)
     expected.index_add_(0, s.labels[:8], torch.ones(8))
     torch.testing.assert_close(margin.counts, expected)
+
+
+def test_dsg_slack_and_layer_emphasis_match_a_loop():
+    teacher = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
+        nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 3),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for bn in (teacher[1], teacher[4]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    torch.manual_seed(2)
+    x = torch.randn(3, 1, 4, 4)
+    taps = Taps(teacher, {"bn_inputs"})
+    with taps:
+        logits = teacher(x)
+    step = Step(SynthBatch(labels=torch.zeros(3, dtype=torch.long), images=x), logits, None,
+                teacher_taps=taps.collect())  # fmt: skip
+    taps.remove()
+    got = ZeroQBNSLoss(input_prior=False, slack=1.5, layer_emphasis=2.0)(step).detach()
+    with torch.no_grad():
+        feats = [teacher[0](x)]
+        feats.append(teacher[3](teacher[2](teacher[1](feats[0]))))
+    want = 0.0
+    for layer, (f, bn) in enumerate(zip(feats, (teacher[1], teacher[4]), strict=True)):
+        sigma = (bn.running_var + 1e-6).sqrt()
+        p = 16
+        for i in range(3):
+            w = 2.0 if i % 2 == layer else 1.0
+            for c in range(2):
+                v = f[i, c].flatten()
+                dm = max(
+                    abs(float(v.mean() - bn.running_mean[c])) - 1.5 * float(sigma[c]) / p**0.5, 0
+                )
+                sd = (float(v.var(unbiased=True)) + 1e-6) ** 0.5
+                ds = max(
+                    abs(sd - float(sigma[c])) - 1.5 * float(sigma[c]) / (2 * (p - 1)) ** 0.5, 0
+                )
+                want += w * (dm**2 + ds**2) / 3
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_image_prior_by_hand():
+    from dfqkit.losses import ImagePrior
+
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]])
+    step = Step(SynthBatch(labels=torch.zeros(1, dtype=torch.long), images=x), None, None)
+    # differences: horizontal (-1, -2), vertical (-2, -3), diagonals (2 - 1 = 1), (0 - 4 = -4)
+    tv = 5**0.5 + 13**0.5 + 1.0 + 4.0
+    l2 = (0 + 1 + 4 + 16) ** 0.5
+    assert float(ImagePrior(tv_l2=0.5, l2=0.25)(step)) == pytest.approx(0.5 * tv + 0.25 * l2)
