@@ -301,7 +301,7 @@ SYNTH_TINY = ["SYNTH_IMAGES = 16", "SYNTH_BATCH = 8", "SYNTH_ITERS = 2", "train.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["zeroq", "dsg"])
+@pytest.mark.parametrize("method", ["zeroq", "dsg", "genie_d"])
 def test_ptq_on_a_cached_synthetic_set(teacher_env, tmp_path, method):
     params = [*SYNTH_TINY, "BATCH_SIZE = 8", "ITERS_PER_EPOCH = 2", "train.trackers = None"]
     m = run([f"recipes/mnist/{method}_w4a4.gin"], params, output_dir=tmp_path / "zq")

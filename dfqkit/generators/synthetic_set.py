@@ -26,6 +26,61 @@ from dfqkit.taps import Taps
 logger = logging.getLogger(__name__)
 
 INITS = ("gaussian", "uniform")
+PARAMETRIZATIONS = ("pixels", "generator")
+
+
+class GenieDecoder(nn.Module):
+    """Genie-D's small per-batch generator: ``Linear(latent → 128·(s/4)²)`` → BN(128) → ×2 →
+    Conv3×3(128→64) → BN → LeakyReLU(0.2) → ×2 → Conv3×3(64→c) → Tanh → BN(c, affine=False).
+    Unconditional; a fresh one is made for every batch (baselines.md §2.10)."""
+
+    def __init__(self, latent_dim: int, image_size: int, channels: int) -> None:
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"GenieDecoder needs an image size divisible by 4, got {image_size}")
+        self.init = image_size // 4
+        self.fc = nn.Linear(latent_dim, 128 * self.init**2)
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(128),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(128, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(64, channels, 3, padding=1),
+            nn.Tanh(),
+            nn.BatchNorm2d(channels, affine=False),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(self.fc(z).view(z.shape[0], 128, self.init, self.init))
+
+
+class _Swing:
+    """Genie's swing convolution, as forward pre-hooks on the teacher's strided convolutions:
+    the input is reflect-padded by one pixel and cropped back at a random offset (a shift of
+    at most one pixel), drawn on a CPU generator."""
+
+    def __init__(self, teacher: nn.Module, generator: torch.Generator) -> None:
+        self.gen = generator
+        self.handles = [
+            m.register_forward_pre_hook(self._hook)
+            for m in teacher.modules()
+            if isinstance(m, nn.Conv2d) and max(m.stride) > 1
+        ]
+
+    def _hook(self, _module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        h, w = x.shape[-2:]
+        dy, dx = torch.randint(0, 3, (2,), generator=self.gen).tolist()
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return (padded[..., dy : dy + h, dx : dx + w], *args[1:])
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 LABELS = ("random", "balanced")
 
 
@@ -111,6 +166,12 @@ class SyntheticSet(Generator):
             :class:`~dfqkit.losses.IntraClassMarginLoss`, official 5 batches of 256): before a
             group is optimised they observe every image of the groups before it. Such losses
             make the synthesis sequential (one process makes every batch).
+        parametrization: ``"pixels"`` (the images are the parameters; ZeroQ, DSG, IntraQ,
+            HAST) or ``"generator"`` (Genie-D: a fresh :class:`GenieDecoder` per batch and a
+            learnable latent ``z`` of ``genie_latent_dim``; ``z`` uses ``lr``/``betas`` and the
+            plateau schedule, the decoder Adam(``genie_lr``) decayed by ``genie_gamma`` every
+            ``genie_step_every`` iterations).
+        swing: Genie's swing convolution on the teacher's strided convolutions during stage one.
         seed: seed of the initial pixels, labels and augmentations of stage one (batch ``k``
             uses ``seed + k``) and of the sampling order of stage two.
     """
@@ -141,6 +202,12 @@ class SyntheticSet(Generator):
         flip: bool = True,
         plateau_sync_every: int = 10,
         group_batches: int | None = None,
+        parametrization: str = "pixels",
+        genie_latent_dim: int = 256,
+        genie_lr: float = 0.01,
+        genie_gamma: float = 0.95,
+        genie_step_every: int = 100,
+        swing: bool = False,
         cache_dir: str | None = None,
         seed: int = 0,
     ) -> None:
@@ -164,6 +231,15 @@ class SyntheticSet(Generator):
         self.group_batches = (
             None if group_batches is None else _int("group_batches", group_batches, 1)
         )
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(
+                f"SyntheticSet.parametrization must be one of {PARAMETRIZATIONS}, "
+                f"got {parametrization!r}"
+            )
+        self.parametrization, self.swing = parametrization, bool(swing)
+        self.genie_latent_dim = _int("genie_latent_dim", genie_latent_dim, 1)
+        self.genie_step_every = _int("genie_step_every", genie_step_every, 1)
+        self.genie_lr, self.genie_gamma = float(genie_lr), float(genie_gamma)
         if init not in INITS:
             raise ValueError(f"SyntheticSet.init must be one of {INITS}, got {init!r}")
         if labels not in LABELS:
@@ -257,7 +333,8 @@ class SyntheticSet(Generator):
                     "num_images", "synth_batch_size", "iterations", "lr", "betas",
                     "plateau_factor", "plateau_patience", "min_lr", "init", "label_mode",
                     "target_prob_low", "synth_augment_prob", "synth_crop_scale", "jitter",
-                    "flip", "seed", "group_batches",
+                    "flip", "seed", "group_batches", "parametrization", "swing",
+                    "genie_latent_dim", "genie_lr", "genie_gamma", "genie_step_every",
                 )
             },
         }  # fmt: skip
@@ -353,6 +430,21 @@ class SyntheticSet(Generator):
                     group = k // self.group_batches
                     self._look_back(teacher, taps, root, group, device)
                 x, labels, mix, gen = self._initial(k, device)
+                decoder, extra = None, []
+                if self.parametrization == "generator":
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(self.seed + k)
+                        decoder = GenieDecoder(
+                            self.genie_latent_dim, self.image_size, self.channels
+                        ).to(device)
+                    x = torch.randn(x.shape[0], self.genie_latent_dim, generator=gen).to(device)
+                    g_opt = torch.optim.Adam(decoder.parameters(), lr=self.genie_lr)
+                    extra = [
+                        g_opt,
+                        torch.optim.lr_scheduler.StepLR(
+                            g_opt, step_size=self.genie_step_every, gamma=self.genie_gamma
+                        ),
+                    ]
                 x.requires_grad_(True)
                 targets = F.one_hot(labels, self.num_classes).float()
                 opt = torch.optim.Adam([x], lr=self.lr, betas=self.betas)
@@ -363,8 +455,9 @@ class SyntheticSet(Generator):
                     min_lr=self.min_lr,
                 )
                 pending: list[torch.Tensor] = []
+                swing = _Swing(teacher, gen) if self.swing else None
                 for _ in range(self.iterations):
-                    view = x
+                    view = x if decoder is None else decoder(x)
                     if self.synth_augment_prob and torch.rand((), generator=gen) < (
                         self.synth_augment_prob
                     ):
@@ -378,13 +471,23 @@ class SyntheticSet(Generator):
                     step = Step(batch, logits, None, teacher_taps=taps.collect(), epoch=0)
                     loss = sum(loss_fn(step) for loss_fn in self.synth_losses)
                     opt.zero_grad(set_to_none=True)
+                    if extra:
+                        extra[0].zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    if extra:
+                        extra[0].step()
+                        extra[1].step()
                     pending.append(loss.detach())
                     if len(pending) == self.plateau_sync_every:
                         for value in torch.stack(pending).tolist():
                             plateau.step(value)
                         pending = []
+                if swing is not None:
+                    swing.remove()
+                if decoder is not None:
+                    with torch.no_grad():
+                        x = decoder(x)
                 out = {"images": x.detach().cpu().contiguous(), "labels": labels.cpu()}
                 tmp = root / f".batch_{k:04d}.tmp"
                 save_file(out, str(tmp))

@@ -43,14 +43,18 @@ class ZeroQBNSLoss(Loss):
     sample ``i`` weighs layer ``i mod L`` by this factor (DSG: 2), so different samples match
     different layers most closely.
 
+    Genie-D's form is ``statistics="batch"``: one mean and std per channel over the whole batch
+    and its positions, each term ``‖μ − μ̂‖² / C`` (mean over channels).
+
     Reference: Cai et al., "ZeroQ", CVPR 2020 (baselines.md §2.1); Zhang et al., "DSG", CVPR
-    2021 (§2.6).
+    2021 (§2.6); Jeon et al., "Genie", CVPR 2023 (§2.10).
 
     Args:
         input_prior: add the input image's statistics terms.
         eps: added to the variances before the square root (ZeroQ: 1e-6).
         slack: margin in standard errors (``None``: ZeroQ, no margin).
         layer_emphasis: weight of sample ``i``'s terms on layer ``i mod L`` (1: off).
+        statistics: ``"per_sample"`` (ZeroQ, DSG) or ``"batch"`` (Genie-D).
     """
 
     needs = frozenset({"bn_inputs"})
@@ -63,9 +67,17 @@ class ZeroQBNSLoss(Loss):
         eps: float = 1e-6,
         slack: float | None = None,
         layer_emphasis: float = 1.0,
+        statistics: str = "per_sample",
         **kw,
     ) -> None:
         super().__init__(**kw)
+        if statistics not in ("per_sample", "batch"):
+            raise ValueError(
+                f"ZeroQBNSLoss.statistics must be 'per_sample' or 'batch', got {statistics!r}"
+            )
+        if statistics == "batch" and (slack or layer_emphasis != 1.0):
+            raise ValueError("ZeroQBNSLoss: slack and layer_emphasis need per-sample statistics")
+        self.statistics = statistics
         if slack is not None and (not isinstance(slack, int | float) or slack < 0):
             raise ValueError(f"ZeroQBNSLoss.slack must be None or a number >= 0, got {slack!r}")
         if not isinstance(layer_emphasis, int | float) or layer_emphasis <= 0:
@@ -86,10 +98,26 @@ class ZeroQBNSLoss(Loss):
             per_sample = per_sample * weights
         return per_sample.sum() / mean.shape[0]
 
+    def _batch(self, step: Step, pairs) -> torch.Tensor:
+        def term(x, mu, sigma):
+            dims = [0, *range(2, x.dim())]
+            var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
+            std = (var + self.eps).sqrt()
+            return (mean - mu).pow(2).mean() + (std - sigma).pow(2).mean()
+
+        total = sum(term(x, bn.running_mean, (bn.running_var + self.eps).sqrt()) for x, bn in pairs)
+        if self.input_prior:
+            c = step.batch.images.shape[1]
+            ones = step.batch.images.new_ones(c)
+            total = total + term(step.batch.images, torch.zeros_like(ones), ones)
+        return total
+
     def compute(self, step: Step) -> torch.Tensor:
         pairs = [(x, bn) for x, bn in step.teacher_taps["bn_inputs"] if x.dim() >= 3]
         if not pairs:
             raise ValueError("ZeroQBNSLoss found no BatchNorm input with spatial positions")
+        if self.statistics == "batch":
+            return self._batch(step, pairs)
         b = pairs[0][0].shape[0]
         total = 0.0
         for layer, (x, bn) in enumerate(pairs):
@@ -110,7 +138,8 @@ class ZeroQBNSLoss(Loss):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, input_prior={self.input_prior}, eps={self.eps}, "
-            f"slack={self.slack}, layer_emphasis={self.layer_emphasis}"
+            f"slack={self.slack}, layer_emphasis={self.layer_emphasis}, "
+            f"statistics={self.statistics!r}"
         )
 
 

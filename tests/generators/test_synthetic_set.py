@@ -272,3 +272,50 @@ def test_image_prior_by_hand():
     tv = 5**0.5 + 13**0.5 + 1.0 + 4.0
     l2 = (0 + 1 + 4 + 16) ** 0.5
     assert float(ImagePrior(tv_l2=0.5, l2=0.25)(step)) == pytest.approx(0.5 * tv + 0.25 * l2)
+
+
+def test_batch_statistics_form_by_hand():
+    teacher = _teacher()
+    x = torch.randn(5, 1, 6, 6)
+    taps = Taps(teacher, {"bn_inputs"})
+    with taps:
+        logits = teacher(x)
+    step = Step(SynthBatch(labels=torch.zeros(5, dtype=torch.long), images=x), logits, None,
+                teacher_taps=taps.collect())  # fmt: skip
+    taps.remove()
+    got = float(ZeroQBNSLoss(statistics="batch", eps=1e-6)(step).detach())
+    with torch.no_grad():
+        f = teacher[0](x)
+    bn = teacher[1]
+    mean = f.permute(1, 0, 2, 3).reshape(4, -1).mean(1)
+    std = (f.permute(1, 0, 2, 3).reshape(4, -1).var(1, unbiased=False) + 1e-6).sqrt()
+    want = ((mean - bn.running_mean) ** 2).mean() + (
+        (std - (bn.running_var + 1e-6).sqrt()) ** 2
+    ).mean()
+    xs = x.flatten()
+    want += xs.mean() ** 2 + ((xs.var(unbiased=False) + 1e-6).sqrt() - 1) ** 2
+    assert got == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(ValueError, match="need per-sample statistics"):
+        ZeroQBNSLoss(statistics="batch", slack=1.0)
+
+
+def test_genie_generator_parametrization_is_deterministic_and_swing_shifts_by_one(tmp_path):
+    from dfqkit.generators.synthetic_set import _Swing
+
+    teacher = _teacher()
+    kw = dict(parametrization="generator", genie_latent_dim=8, swing=True, iterations=3)
+    a = _set(tmp_path / "a", **kw)
+    _bind(a, teacher)
+    b = _set(tmp_path / "b", **kw)
+    _bind(b, teacher)
+    assert a.images.shape == (8, 1, 8, 8) and torch.isfinite(a.images).all()
+    assert torch.equal(a.images, b.images)  # a fresh, seeded decoder per batch
+    assert a.key(teacher) != _set(tmp_path, iterations=3).key(teacher)
+    conv = nn.Conv2d(1, 1, 3, stride=2, padding=1, bias=False)
+    x = torch.randn(1, 1, 6, 6)
+    swing = _Swing(nn.Sequential(conv), torch.Generator().manual_seed(5))
+    got = conv(x)
+    swing.remove()
+    dy, dx = torch.randint(0, 3, (2,), generator=torch.Generator().manual_seed(5)).tolist()
+    shifted = F.pad(x, (1, 1, 1, 1), mode="reflect")[..., dy : dy + 6, dx : dx + 6]
+    torch.testing.assert_close(got, conv(shifted))
