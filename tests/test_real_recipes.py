@@ -13,7 +13,7 @@ from dfqkit.train import run
 
 FAMILIES = [
     "gdfq", "qimera", "ait", "adasg", "adadfq", "mixup", "image_mixup", "diversity",
-    "zeroq", "intraq", "hast",
+    "zeroq", "intraq", "hast", "arc",
 ]  # fmt: skip
 SHRINK = [
     "EPOCHS = 2",

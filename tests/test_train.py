@@ -243,7 +243,17 @@ def test_each_mixer_is_one_binding(teacher_env, tmp_path, mixer):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "method",
-    ["qimera", "qimera_plugin", "gdfq_plugin", "adasg", "adadfq", "ait", "mixup", "image_mixup"],
+    [
+        "qimera",
+        "qimera_plugin",
+        "gdfq_plugin",
+        "adasg",
+        "adadfq",
+        "ait",
+        "mixup",
+        "image_mixup",
+        "arc_ait",
+    ],  # fmt: skip
 )
 def test_offline_method_recipes_run(teacher_env, tmp_path, method):
     params = [p for p in TINY if not p.startswith("LATENT_DIM")]

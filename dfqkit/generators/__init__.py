@@ -1,5 +1,6 @@
 """Image synthesizers."""
 
+from dfqkit.generators.arc_generator import ARCGenerator
 from dfqkit.generators.base import Generator, synthesize
 from dfqkit.generators.conditional_generator import ConditionalGenerator
 from dfqkit.generators.pixel_bank import PixelBank
@@ -8,6 +9,7 @@ from dfqkit.generators.real_data_reference import RealDataReference
 from dfqkit.generators.synthetic_set import SyntheticSet
 
 __all__ = [
+    "ARCGenerator",
     "ConditionalGenerator",
     "Generator",
     "PixelBank",
