@@ -127,9 +127,9 @@ class Engine:
             self.loss_sums[key] = value.clone()
             self.loss_counts[key] = finite.long()
 
-    def pop_loss_means(self, iterations: int | None = None) -> dict[str, float]:
+    def pop_loss_means(self) -> dict[str, float]:
         """Mean of each loss over its finite values since the last call (NaN if none was
-        finite; one host sync per call). ``iterations`` is accepted for compatibility."""
+        finite; one host sync per call)."""
         if not self.loss_sums:
             return {}
         keys = list(self.loss_sums)

@@ -568,7 +568,7 @@ def _benchmark(engine: Engine, student: nn.Module, warmup: int, iterations: int)
     marks: list[float] = []
     for _ in range(iterations):
         engine.iteration(Phase(generator=True, observe=False, student=True), 0, marks)
-    engine.pop_loss_means(1)
+    engine.pop_loss_means()
     return {"marks": marks}
 
 

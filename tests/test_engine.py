@@ -79,21 +79,21 @@ def test_student_step_uses_the_generator_batch_and_frozen_ranges_stay():
     for (lo, hi), q in zip(ranges, act_quantizers(student), strict=True):
         assert torch.equal(lo, q.lo) and torch.equal(hi, q.hi)
     assert all(p.grad is None for p in teacher.parameters())
-    means = engine.pop_loss_means(1)
+    means = engine.pop_loss_means()
     assert set(means) == {
         "loss/gen/SoftTargetCE",
         "loss/gen/BNStatsLoss",
         "loss/student/KDLoss",
         "loss/student/SoftTargetCE",
     }
-    assert engine.pop_loss_means(1) == {}
+    assert engine.pop_loss_means() == {}
 
 
 def test_loss_means_average_over_iterations():
     engine, *_ = _engine()
     engine._accumulate("loss/x", torch.tensor(1.0))
     engine._accumulate("loss/x", torch.tensor(3.0))
-    assert engine.pop_loss_means(2) == {"loss/x": 2.0}
+    assert engine.pop_loss_means() == {"loss/x": 2.0}
 
 
 def test_a_loss_reading_the_student_in_the_generator_step():
