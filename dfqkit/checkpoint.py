@@ -22,7 +22,13 @@ from dfqkit.config import ConfigError
 from dfqkit.models.weights import safe_torch_load
 
 COMPLETE = "COMPLETE"
-_NAME = re.compile(r"^epoch-(\d{4,})$")
+_NAME = re.compile(r"^epoch-(\d{4,})(?:-unit-(\d{4,}))?$")
+
+
+def _order(path: Path) -> tuple[int, int]:
+    """``epoch-NNNN`` sorts before ``epoch-NNNN-unit-MMMM`` (units reconstructed after it)."""
+    match = _NAME.match(path.name)
+    return int(match.group(1)), int(match.group(2) or 0)
 
 
 class TrainState:
@@ -37,6 +43,7 @@ class TrainState:
         self.best: dict[str, Any] | None = None
         self.evals_since_best = 0
         self.skipped_steps: dict[str, int] = {}  # non-finite steps skipped, per optimizer side
+        self.units_done = 0  # units of a post-training reconstruction finished (dfqkit.ptq)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -80,14 +87,18 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     if not root.is_dir():
         return None
     done = [p for p in root.iterdir() if _NAME.match(p.name) and (p / COMPLETE).is_file()]
-    return max(done, key=lambda p: int(_NAME.match(p.name).group(1)), default=None)
+    return max(done, key=_order, default=None)
 
 
-def save_checkpoint(accelerator, output_dir: Path, epoch: int, *, keep: int = 2) -> Path:
-    """Save the full training state after ``epoch`` (1-based count of finished epochs)."""
+def save_checkpoint(
+    accelerator, output_dir: Path, epoch: int, *, keep: int = 2, unit: int | None = None
+) -> Path:
+    """Save the full training state after ``epoch`` (1-based count of finished epochs) and,
+    with ``unit``, after that many units of a post-training reconstruction."""
     root = checkpoint_dir(output_dir)
-    final = root / f"epoch-{epoch:04d}"
-    tmp = root / f".tmp-epoch-{epoch:04d}"
+    name = f"epoch-{epoch:04d}" + ("" if unit is None else f"-unit-{unit:04d}")
+    final = root / name
+    tmp = root / f".tmp-{name}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-*"):
@@ -100,7 +111,7 @@ def save_checkpoint(accelerator, output_dir: Path, epoch: int, *, keep: int = 2)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        done = sorted(p for p in root.iterdir() if _NAME.match(p.name))
+        done = sorted((p for p in root.iterdir() if _NAME.match(p.name)), key=_order)
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import gin
 
-KINDS: tuple[str, ...] = ("models", "generators", "mixers", "losses", "quantizers")
+KINDS: tuple[str, ...] = ("models", "generators", "mixers", "losses", "quantizers", "ptq")
 PLUGIN_GROUP = "dfqkit.plugins"
 
 T = TypeVar("T")

@@ -120,6 +120,7 @@ def train(
     max_nonfinite_in_a_row: int = 20,
     deterministic: bool = False,
     perturbation_eps: float = 0.0,
+    reconstruction: Any | None = None,
 ) -> dict[str, Any]:
     """Run one DFQ experiment and return its metrics (also written to ``metrics.json``).
 
@@ -183,6 +184,10 @@ def train(
         perturbation_eps: HAST's one-step perturbed sample in the student step (0: off): the
             student loss is also computed on ``x + eps · sign(∇x L)`` and added
             (:class:`~dfqkit.engine.Engine`).
+        reconstruction: a post-training stage run after the last epoch, unit by unit, with a
+            checkpoint after each (``@ptq.BlockReconstruction()``, Genie-M); its result is
+            evaluated and reported as both best and last (PTQ has no model selection). Needs
+            a student that never trains (``warmup_epochs >= epochs``).
     """
     global _LOOP_STARTED
     _LOOP_STARTED = False
@@ -238,6 +243,11 @@ def train(
         raise cfg.ConfigError(
             f"train.mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}"
         )
+    if reconstruction is not None and warmup_epochs < epochs:
+        raise cfg.ConfigError(
+            f"train.reconstruction is a post-training stage, so the student must not train "
+            f"before it: set train.warmup_epochs >= train.epochs={epochs} (got {warmup_epochs})"
+        )
     mixer = NoMixer() if mixer is None else mixer
     out = prepare_output_dir(output_dir, resume=resume)
     # Each process observes its own batches; ranges are merged by sync_quantizers, not by DDP's
@@ -282,6 +292,13 @@ def train(
         if hasattr(part, "bind"):
             part.bind(teacher=teacher, generator=generator, example=example)
     student = quantize_(copy.deepcopy(teacher), quant, example).requires_grad_(True).eval()
+    units = []
+    if reconstruction is not None:
+        try:
+            reconstruction.check(student)
+            units = reconstruction.units(teacher, student, example)
+        except ValueError as err:
+            raise cfg.ConfigError(str(err)) from err
     if acc.num_processes > 1 and generator.trainable:
         _freeze_unused(generator, mixer, device)
     gen_params = [p for m in (generator, mixer) for p in m.parameters() if p.requires_grad]
@@ -428,6 +445,23 @@ def train(
         acc.log(scalars, step=state.epochs_done)
         ckpt.save_checkpoint(acc, out, state.epochs_done, keep=checkpoint_keep)
 
+    if reconstruction is not None and state.units_done < len(units):
+        _reconstruct(
+            acc,
+            reconstruction,
+            units,
+            teacher,
+            student,
+            generator,
+            mixer,
+            loaders,
+            state,
+            out,
+            batch_size=batch_size,
+            seed=seed,
+            keep=checkpoint_keep,
+        )
+
     metrics = summarize(state, recipe=recipe, seed=seed, quant=quant, resumed_from=resumed_from)
     metrics["processes"] = _process_report(acc, student, engine)
     if acc.is_main_process:
@@ -570,6 +604,48 @@ def _benchmark(engine: Engine, student: nn.Module, warmup: int, iterations: int)
         engine.iteration(Phase(generator=True, observe=False, student=True), 0, marks)
     engine.pop_loss_means()
     return {"marks": marks}
+
+
+def _reconstruct(
+    acc,
+    reconstruction,
+    units,
+    teacher,
+    student,
+    generator,
+    mixer,
+    loaders,
+    state,
+    out,
+    *,
+    batch_size: int,
+    seed: int,
+    keep: int,
+) -> None:
+    """Run the post-training reconstruction from unit ``state.units_done`` on, saving a
+    checkpoint after each unit; evaluate after the last one (that result is best and last)."""
+    model = acc.unwrap_model(student)
+    set_quant_mode(model, "frozen")
+    device = acc.device
+    images = reconstruction.calibration_images(generator, mixer, batch_size, device, seed)
+    for i in range(state.units_done, len(units)):
+        t0 = time.perf_counter()
+        loss = reconstruction.reconstruct_unit(
+            teacher, model, units[i], images, seed=seed * 100_003 + i
+        )
+        state.train_seconds += time.perf_counter() - t0
+        state.units_done = i + 1
+        logger.info(
+            f"reconstructed unit {i + 1}/{len(units)} ({units[i].name}): mean loss "
+            f"{float(loss):.4g} in {time.perf_counter() - t0:.1f} s",
+            main_process_only=True,
+        )
+        if state.units_done == len(units):
+            scalars = _evaluate_epoch(acc, student, teacher, loaders, state, device)
+            state.history[-1]["stage"] = "reconstructed"
+            state.best, state.evals_since_best = state.history[-1], 0
+            acc.log(scalars, step=state.epochs_done + 1)
+        ckpt.save_checkpoint(acc, out, state.epochs_done, keep=keep, unit=state.units_done)
 
 
 def _evaluate_epoch(acc, student, teacher, loaders, state, device) -> dict[str, float]:

@@ -133,6 +133,21 @@ CASES = {
     "unknown mixed precision": (R, ["train.mixed_precision = 'fp8'"], ["'fp8'", "'bf16'"]),
     "unknown calibration": (R, ["train.calibration = 'foo'"], ["train.calibration", "'foo'"]),
     "unknown generator schedule": (R, ["train.generator_lr_schedule = 'linear'"], ["'linear'"]),
+    "reconstruction without AdaRound weights": (
+        "recipes/mnist/genie_w4a4.gin",
+        ["train.warmup_epochs = 2", "QuantConfig.weight_quantizer = @MinMaxWeightQuantizer"],
+        ["train.reconstruction", "AdaRoundWeightQuantizer", "MinMaxWeightQuantizer"],
+    ),
+    "reconstruction after a training student": (
+        "recipes/mnist/genie_w4a4.gin",
+        ["train.warmup_epochs = 0"],
+        ["train.reconstruction", "warmup_epochs >= train.epochs=2", "got 0"],
+    ),
+    "reconstruction batch larger than its samples": (
+        "recipes/mnist/genie_w4a4.gin",
+        ["train.warmup_epochs = 2", "RECON_BATCH = 64", "RECON_SAMPLES = 32"],
+        ["BlockReconstruction.batch_size=64", "num_samples=32"],
+    ),
     "unknown quantizer placement": (R, ["quant.QuantConfig.policy = 'all'"], ["policy", "'all'"]),
     "unknown tracker": (R, ["train.trackers = ['nope']"], ["unknown tracker", "'nope'"]),
     "bad mixer parameter": (

@@ -7,12 +7,14 @@ Importing this package registers every quantizer (``@quantizers.<Name>`` in gin)
 from dfqkit.quant.act_base import ACT_MODES, ActQuantizer
 from dfqkit.quant.act_ema import EMAActQuantizer
 from dfqkit.quant.act_learnable import LearnableClipActQuantizer, learnable_fake_quant
+from dfqkit.quant.act_lsq import LSQActQuantizer
 from dfqkit.quant.act_minmax import MinMaxActQuantizer
 from dfqkit.quant.api import act_quantizers, quantize_, set_quant_mode, sync_quantizers
 from dfqkit.quant.config import QuantConfig
 from dfqkit.quant.functional import fake_quant, minmax_qparams, quantize_codes
 from dfqkit.quant.modules import QuantConv2d, QuantLinear
 from dfqkit.quant.policies import POLICIES
+from dfqkit.quant.weight_adaround import AdaRoundWeightQuantizer
 from dfqkit.quant.weight_minmax import MinMaxWeightQuantizer
 from dfqkit.quant.weight_symmetric import SymmetricWeightQuantizer
 
@@ -20,7 +22,9 @@ __all__ = [
     "ACT_MODES",
     "POLICIES",
     "ActQuantizer",
+    "AdaRoundWeightQuantizer",
     "EMAActQuantizer",
+    "LSQActQuantizer",
     "LearnableClipActQuantizer",
     "MinMaxActQuantizer",
     "MinMaxWeightQuantizer",

@@ -36,6 +36,9 @@ class QuantConfig:
         first_layer_bits: Bits of the first conv/linear in execution order (its weight and,
             under ``layer_inputs``, its input quantizer); None = ``w_bits``/``a_bits``.
         last_layer_bits: The same for the last conv/linear in execution order.
+        second_input_bits: ``layer_inputs`` only: bits of the second conv/linear's input
+            quantizer in execution order (BRECQ and Genie keep it at 8: it reads the
+            stem's output); None = as the others.
         quantize_input: ``layer_inputs`` only: quantize the network input (the first layer's
             input). GDFQ never quantizes it.
         relu_types: Module types that count as a ReLU for ``after_relu``.
@@ -48,6 +51,7 @@ class QuantConfig:
     policy: str = "after_relu"
     first_layer_bits: int | None = None
     last_layer_bits: int | None = None
+    second_input_bits: int | None = None
     quantize_input: bool = False
     relu_types: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 
@@ -56,6 +60,7 @@ class QuantConfig:
         check_bits(self.a_bits, field="a_bits")
         check_bits(self.first_layer_bits, field="first_layer_bits", allow_none=True)
         check_bits(self.last_layer_bits, field="last_layer_bits", allow_none=True)
+        check_bits(self.second_input_bits, field="second_input_bits", allow_none=True)
         for field in ("weight_quantizer", "act_quantizer"):
             value = getattr(self, field)
             if not callable(value):

@@ -61,6 +61,8 @@ class QuantConv2d(nn.Conv2d):
         new.weight = module.weight
         new.bias = module.bias
         new.weight_quant = weight_quant
+        if hasattr(weight_quant, "bind_weight"):  # quantizers fitted to the weight (AdaRound)
+            weight_quant.bind_weight(module.weight)
         # lets optimizers that look at integer codes (AIT's gradient inundation) find it
         new.weight._dfqkit_quantizer = weight_quant
         new.input_quant = input_quant
@@ -105,6 +107,8 @@ class QuantLinear(nn.Linear):
         new.weight = module.weight
         new.bias = module.bias
         new.weight_quant = weight_quant
+        if hasattr(weight_quant, "bind_weight"):  # quantizers fitted to the weight (AdaRound)
+            weight_quant.bind_weight(module.weight)
         # lets optimizers that look at integer codes (AIT's gradient inundation) find it
         new.weight._dfqkit_quantizer = weight_quant
         new.input_quant = input_quant

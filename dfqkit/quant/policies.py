@@ -36,10 +36,12 @@ def layer_inputs(model: nn.Module, config: QuantConfig, run: DryRun) -> nn.Modul
     """An input quantizer in every QuantConv2d/QuantLinear (Genie/BRECQ style).
 
     The first layer in execution order takes one only with ``config.quantize_input``; first
-    and last layers use ``first_layer_bits``/``last_layer_bits`` when set.
+    and last layers use ``first_layer_bits``/``last_layer_bits`` when set, the second layer's
+    input ``second_input_bits``.
     """
     first = run.layer_order[0] if run.layer_order else None
     last = run.layer_order[-1] if run.layer_order else None
+    second = run.layer_order[1] if len(run.layer_order) > 1 else None
     placed = 0
     for name, module in model.named_modules():
         if not isinstance(module, (QuantConv2d, QuantLinear)):
@@ -47,6 +49,8 @@ def layer_inputs(model: nn.Module, config: QuantConfig, run: DryRun) -> nn.Modul
         if name == first and not config.quantize_input:
             continue
         bits = config.input_bits(first=name == first, last=name == last)
+        if name == second and config.second_input_bits is not None:
+            bits = max(bits, config.second_input_bits)
         module.input_quant = config.act_quantizer(bits=bits)
         placed += 1
     if not placed:
