@@ -3,6 +3,7 @@
 from dfqkit.losses.adasg import AdaptiveMarginLoss, DifferenceEntropyLoss
 from dfqkit.losses.base import Loss
 from dfqkit.losses.bn_stats import BNStatsLoss
+from dfqkit.losses.dsg import DSGSlackBNSLoss, EigenStructureLoss
 from dfqkit.losses.kd import KDLoss
 from dfqkit.losses.patch_similarity import PatchSimilarityEntropy
 from dfqkit.losses.sim_loss1 import SimLoss1
@@ -22,6 +23,8 @@ __all__ = [
     "AdaptiveMarginLoss",
     "DifferenceEntropyLoss",
     "BNStatsLoss",
+    "DSGSlackBNSLoss",
+    "EigenStructureLoss",
     "FeatureAttentionLoss",
     "FocalCE",
     "ImagePrior",

@@ -49,7 +49,9 @@ DEFAULT_UNITS: tuple[str, ...] = (
     "BasicBlock",  # torchvision / timm ResNet
     "Bottleneck",
     "ResBottleneckBlock",  # RegNet
-    "InvertedResidual",  # MobileNetV2, MnasNet
+    "InvertedResidual",  # MobileNetV2
+    "_InvertedResidual",  # torchvision MnasNet
+    "Conv2dNormActivation",  # torchvision conv + BN + activation outside a block (stems, heads)
     "DwsConvBlock",  # pytorchcv MobileNet
     "ResUnit",  # pytorchcv CIFAR ResNet (dfqkit's ResNet-20 and zoo ResNets)
     "ConvBlock",  # pytorchcv conv + BN + ReLU (the stem)

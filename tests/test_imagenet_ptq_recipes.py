@@ -1,0 +1,68 @@
+"""The ImageNet recipes of Genie (Genie-D + Genie-M) and DSG's QAT variant run end to end, shrunk,
+on a tiny image folder (2 classes) and random torchvision weights written here, exactly as a user
+runs them: the recipe plus DATA_ROOT and TEACHER_WEIGHTS."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dfqkit import checkpoint as ckpt
+from dfqkit.train import run
+
+COMMON = ["NUM_CLASSES = 2", "train.naive_batches = 1", "train.trackers = None", "BATCH_SIZE = 4"]
+GENIE = ["SYNTH_IMAGES = 8", "SYNTH_BATCH = 4", "SYNTH_ITERS = 2", "ITERS_PER_EPOCH = 2",
+         "RECON_SAMPLES = 8", "RECON_BATCH = 4", "RECON_ITERS = 2",
+         # the L2.4 searches are tested on their own; min/max init keeps this test quick
+         "quantizers.LSQActQuantizer.init = 'minmax'",
+         "quantizers.AdaRoundWeightQuantizer.init = 'minmax'"]  # fmt: skip
+QAT = ["EPOCHS = 2", "ITERS_PER_EPOCH = 1", "train.warmup_epochs = 1", "train.calib_epochs = 1"]
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    import torchvision
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("in")
+    rng = np.random.RandomState(0)
+    for c in ("n01", "n02"):
+        (root / "val" / c).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.randint(0, 256, size=(80, 96, 3)).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "val" / c / f"{i}.JPEG")
+    torch.manual_seed(0)
+    for name in ("resnet18", "mobilenet_v2"):
+        model = getattr(torchvision.models, name)(num_classes=2)
+        save_file(model.state_dict(), root / f"{name}.safetensors")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe, model, extra, units",
+    [
+        ("genie/resnet18_imagenet_w4a4", "resnet18", GENIE, 10),  # conv1, 8 blocks, fc
+        ("genie/mobilenet_v2_imagenet_w4a4", "mobilenet_v2", GENIE, 20),  # stem, 17, head, fc
+        ("dsg/resnet18_imagenet_qat_w4a4", "resnet18", QAT, 0),
+    ],
+)
+def test_imagenet_recipe_runs(recipe, model, extra, units, imagenet, tmp_path):
+    params = [
+        f"DATA_ROOT = '{imagenet / 'val'}'",
+        f"TEACHER_WEIGHTS = '{imagenet / f'{model}.safetensors'}'",
+        f"generators.SyntheticSet.cache_dir = '{tmp_path / 'synthetic'}'",
+        *COMMON,
+        *extra,
+    ]
+    if units == 0:
+        params = [p for p in params if not p.startswith("generators.SyntheticSet")]
+    out = tmp_path / "r"
+    m = run([f"recipes/{recipe}.gin"], params, output_dir=out)
+    assert m["w_bits"] == 4 and m["a_bits"] == 4
+    assert 0.0 <= m["last"]["test_top1"] <= 100.0
+    if units:
+        assert m["history"][-1]["stage"] == "reconstructed"
+        assert ckpt.latest_checkpoint(out).name == f"epoch-0001-unit-{units:04d}"
+    else:
+        assert m["epochs_done"] == 2
