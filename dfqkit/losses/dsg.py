@@ -8,8 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dfqkit.losses.bn_stats import channel_mean_var
 from dfqkit.losses.base import Loss
+from dfqkit.losses.bn_stats import channel_mean_var
 from dfqkit.registry import register
 from dfqkit.step import Step
 
@@ -97,7 +97,8 @@ class DSGSlackBNSLoss(Loss):
         return total / len(pairs)
 
     def extra_repr(self) -> str:
-        return f"slack={self.slack}, margin_mode={self.margin_mode!r}, enhancement={self.enhancement:.4g}"
+        mode = f"margin_mode={self.margin_mode!r}"
+        return f"slack={self.slack}, {mode}, enhancement={self.enhancement:.4g}"
 
 
 def gram_spectrum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
