@@ -21,6 +21,11 @@ TINY = [
 ]
 
 
+GENIE = ["SYNTH_IMAGES = 32", "SYNTH_BATCH = 16", "SYNTH_ITERS = 2", "ITERS_PER_EPOCH = 2",
+         "EPOCHS = 1", "train.warmup_epochs = 1", "RECON_SAMPLES = 32", "RECON_BATCH = 8",
+         "RECON_ITERS = 4"]  # fmt: skip
+
+
 def _reference_logits(run_dir, images):
     cfg.parse([run_dir / "config.gin"])
     parts = train(output_dir=run_dir, resume=True, inspect=True)
@@ -36,6 +41,8 @@ def _reference_logits(run_dir, images):
     [
         ("recipes/mnist/gdfq_w4a4.gin", []),
         ("recipes/mnist/vit_diversity_w4a8.gin", ["DIM = 8", "HEADS = 2", "BLOCKS = 1"]),
+        # AdaRound weights with learned step sizes, LSQ activations, 8-bit first/last layers
+        ("recipes/mnist/genie_w4a4.gin", GENIE),
     ],
 )
 def test_export_round_trip_reproduces_the_student_exactly(teacher_env, tmp_path, recipe, extra):
@@ -45,12 +52,16 @@ def test_export_round_trip_reproduces_the_student_exactly(teacher_env, tmp_path,
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
         keys = set(f.keys())
-        codes = [f.get_tensor(k) for k in keys if k.endswith(".weight.codes")]
+        codes = {k[: -len(".weight.codes")]: f.get_tensor(k) for k in keys if k.endswith(".codes")}
     assert meta["format"] == "dfqkit.quantized.v1" and "train.teacher" in meta["operative_config"]
-    w_bits = 4
-    assert codes and all(c.dtype == torch.int8 for c in codes)
-    assert all(c.min() >= -(2 ** (w_bits - 1)) and c.max() <= 2 ** (w_bits - 1) - 1 for c in codes)
     layers = json.loads(meta["layers"])
+    assert codes and all(c.dtype == torch.int8 for c in codes.values())
+    for name, c in codes.items():
+        bits = layers[name]["bits"]
+        assert bits == (
+            8 if "genie" in recipe and name in ("features.init_block.conv", "output") else 4
+        )
+        assert c.min() >= -(2 ** (bits - 1)) and c.max() <= 2 ** (bits - 1) - 1
     assert any(v["kind"] == "activation" for v in layers.values())
     torch.manual_seed(0)
     images = torch.randn(6, 1, 28, 28)

@@ -22,15 +22,23 @@ TINY = [
 ]
 
 
+GENIE = ["SYNTH_IMAGES = 32", "SYNTH_BATCH = 16", "SYNTH_ITERS = 2", "BATCH_SIZE = 16",
+         "ITERS_PER_EPOCH = 2", "RECON_SAMPLES = 32", "RECON_BATCH = 8", "RECON_ITERS = 4",
+         "train.naive_batches = 2"]  # fmt: skip
+CASES = {
+    "gdfq W4A4": ("gdfq_w4a4", [*TINY, "W_BITS = 4", "A_BITS = 4"]),
+    "gdfq W3A3": ("gdfq_w4a4", [*TINY, "W_BITS = 3", "A_BITS = 3"]),
+    # AdaRound weights (learned step size, 8-bit first/last layers) and LSQ activations
+    "genie W4A4": ("genie_w4a4", GENIE),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("bits", [("4", "4"), ("3", "3")])
-def test_onnx_qdq_export_agrees_with_the_student_on_the_test_split(teacher_env, tmp_path, bits):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_onnx_qdq_export_agrees_with_the_student_on_the_test_split(teacher_env, tmp_path, case):
     run_dir = tmp_path / "run"
-    run(
-        ["recipes/mnist/gdfq_w4a4.gin"],
-        [*TINY, f"W_BITS = {bits[0]}", f"A_BITS = {bits[1]}"],
-        output_dir=run_dir,
-    )
+    recipe, params = CASES[case]
+    run([f"recipes/mnist/{recipe}.gin"], params, output_dir=run_dir)
     cfg.parse([run_dir / "config.gin"])
     parts = train(output_dir=run_dir, resume=True, inspect=True)
     student = getattr(parts["student"], "module", parts["student"]).eval()
