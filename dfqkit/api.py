@@ -26,7 +26,13 @@ from torch import nn
 from dfqkit import config as cfg
 
 _PROVIDED: dict[str, Any] = {}
-QUANT_FOR_METHOD = {"diversity": "gin/quant/diversity.gin"}
+QUANT_FOR_METHOD = {  # a method's own quantizer; the others use GDFQ's (gin/quant/gdfq.gin)
+    "diversity": "gin/quant/diversity.gin",
+    "zeroq": "gin/quant/zeroq.gin",
+    "dsg": "gin/quant/dsg.gin",
+    "genie_d": "gin/quant/zeroq.gin",
+    "genie": "gin/quant/genie.gin",
+}
 ADD_ONS = ("plugin",)  # fragments that extend a method rather than define one
 
 

@@ -73,3 +73,14 @@ def test_every_method_family_resolves_and_add_ons_do_not():
     with pytest.raises(ValueError, match="no method family"):
         _method_file("plugin")
     assert _method_file("my/experiment.gin") == "my/experiment.gin"
+
+
+def test_methods_with_their_own_quantizer_get_it():
+    from dfqkit import config as cfg
+    from dfqkit.api import QUANT_FOR_METHOD, _method_file
+
+    assert QUANT_FOR_METHOD["genie"] == "gin/quant/genie.gin"
+    assert QUANT_FOR_METHOD["zeroq"] == "gin/quant/zeroq.gin"
+    for method, quant in QUANT_FOR_METHOD.items():
+        assert (cfg.REPO_ROOT / _method_file(method)).is_file()
+        assert (cfg.REPO_ROOT / quant).is_file()
