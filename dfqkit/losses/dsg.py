@@ -76,12 +76,11 @@ class DSGSlackBNSLoss(Loss):
 
     def _gap(self, delta: torch.Tensor, margin: torch.Tensor, layer: int) -> torch.Tensor:
         gap = delta.abs() - margin
-        gap = gap.abs() if self.margin_mode == "distance" else F.relu(gap)
-        if self.enhancement != 1.0 and layer < gap.shape[0]:
-            factor = torch.ones_like(gap)
-            factor[layer] = self.enhancement
-            gap = gap * factor
-        return gap.pow(2).sum()
+        sq = (gap.abs() if self.margin_mode == "distance" else F.relu(gap)).pow(2)
+        total = sq.sum()
+        if self.enhancement != 1.0 and layer < sq.shape[0]:  # entry `layer` counts enhancement²
+            total = total + (self.enhancement**2 - 1.0) * sq[layer]
+        return total
 
     def compute(self, step: Step) -> torch.Tensor:
         pairs = step.teacher_taps["bn_inputs"]
@@ -154,6 +153,8 @@ class EigenStructureLoss(Loss):
         if isinstance(magnitude, bool) or not isinstance(magnitude, int | float) or magnitude < 0:
             raise ValueError(f"EigenStructureLoss.magnitude must be >= 0, got {magnitude!r}")
         self.magnitude, self.per_bn_layer = float(magnitude), bool(per_bn_layer)
+        if not self.per_bn_layer:  # the BN inputs are read only to count the layers
+            self.needs = frozenset()
 
     def compute(self, step: Step) -> torch.Tensor:
         images = step.batch.images

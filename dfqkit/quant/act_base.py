@@ -35,7 +35,8 @@ class ActQuantizer(nn.Module, abc.ABC):
 
     The frozen check reads a Python mirror of ``num_updates`` (kept in step by ``forward`` and
     refreshed by ``load_state_dict``), never the buffer, so forwards cost no host-device sync.
-    Subclasses implement :meth:`_update` and set ``sync_reduce``. A quantizer with a learnable
+    Subclasses implement :meth:`_update` (and may override :meth:`_observe`) and set
+    ``sync_reduce``. A quantizer with a learnable
     range overrides :meth:`_quantize` (and adds a mode for it).
 
     Args:
@@ -73,6 +74,12 @@ class ActQuantizer(nn.Module, abc.ABC):
         ``self._updates`` is the number of batches observed before this one.
         """
 
+    def _observe(self, x: Tensor) -> None:
+        """Fold one batch into the state (under ``no_grad``): its min/max through
+        :meth:`_update`. A quantizer that needs more of the batch than its range overrides this."""
+        batch_lo, batch_hi = torch.aminmax(x)
+        self._update(batch_lo.float(), batch_hi.float())
+
     def _quantize(self, x: Tensor) -> Tensor:
         return fake_quant(x, self.lo, self.hi, self.bits, self.ste)
 
@@ -87,8 +94,7 @@ class ActQuantizer(nn.Module, abc.ABC):
         """
         if self.mode == "observe":
             with torch.no_grad():
-                batch_lo, batch_hi = torch.aminmax(x.detach())
-                self._update(batch_lo.float(), batch_hi.float())
+                self._observe(x.detach())
                 self.num_updates.add_(1)
             self._updates += 1
         elif self.mode != "frozen":

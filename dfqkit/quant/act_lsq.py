@@ -70,25 +70,27 @@ class LSQActQuantizer(ActQuantizer):
         self.scale = nn.Parameter(torch.ones(()))
         self.register_buffer("signed", torch.zeros((), dtype=torch.bool))
 
-    def _update(self, batch_lo: Tensor, batch_hi: Tensor) -> None:  # unused: forward observes
-        raise NotImplementedError
-
-    @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
-        x = x.detach().float()
+        x = x.float()
         self.signed |= x.amin() < 0
         if self.init == "mse":
-            step = search_symmetric(x, self.bits, self.signed)
+            self._fold(search_symmetric(x, self.bits, self.signed))
         else:
-            top = torch.where(self.signed, 2.0 * x.abs().amax(), x.amax().clamp_min(0.0))
-            step = (top / (2**self.bits - 1)).clamp_min(1e-8)
+            super()._observe(x)
+
+    def _update(self, batch_lo: Tensor, batch_hi: Tensor) -> None:
+        """``init="minmax"``: the step size that just covers the batch's range."""
+        top = torch.where(self.signed, 2.0 * torch.maximum(-batch_lo, batch_hi), batch_hi)
+        self._fold((top.clamp_min(0.0) / (2**self.bits - 1)).clamp_min(1e-8))
+
+    def _fold(self, step: Tensor) -> None:
+        """The mean of the per-batch step sizes (``self._updates`` batches before this one)."""
         n = self._updates
-        if n:  # the mean of the per-batch step sizes
+        if n:
             self.scale.mul_(n / (n + 1)).add_(step, alpha=1.0 / (n + 1))
         else:
             self.scale.copy_(step)
         self.refresh_range_()
-        self.num_updates.add_(1)
 
     @torch.no_grad()
     def refresh_range_(self) -> None:
@@ -96,14 +98,6 @@ class LSQActQuantizer(ActQuantizer):
         lo, hi = symmetric_bounds(self.scale.detach(), self.signed, self.bits)
         self.lo.copy_(lo)
         self.hi.copy_(hi)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Observe (``"observe"``), then fake-quantize; shape of ``x``, fp32."""
-        if self.mode == "observe":
-            self._observe(x)
-            self._updates += 1
-            return fake_quant(x, self.lo, self.hi, self.bits)
-        return super().forward(x)
 
     def _quantize(self, x: Tensor) -> Tensor:
         if _ONNX_EXPORT[0]:
