@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from dfqkit import checkpoint as ckpt
+from dfqkit.models import torchvision_model
 from dfqkit.train import run
 
 COMMON = ["NUM_CLASSES = 2", "train.naive_batches = 1", "train.trackers = None", "BATCH_SIZE = 4"]
@@ -17,6 +18,7 @@ GENIE = ["SYNTH_IMAGES = 8", "SYNTH_BATCH = 4", "SYNTH_ITERS = 2", "ITERS_PER_EP
          "quantizers.LSQActQuantizer.init = 'minmax'",
          "quantizers.AdaRoundWeightQuantizer.init = 'minmax'"]  # fmt: skip
 QAT = ["EPOCHS = 2", "ITERS_PER_EPOCH = 1", "train.warmup_epochs = 1", "train.calib_epochs = 1"]
+ZEROQ = ["SYNTH_IMAGES = 4", "SYNTH_BATCH = 4", "SYNTH_ITERS = 2"]
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +37,13 @@ def imagenet(tmp_path_factory):
     for name in ("resnet18", "mobilenet_v2"):
         model = getattr(torchvision.models, name)(num_classes=2)
         save_file(model.state_dict(), root / f"{name}.safetensors")
+    # dfqkit's extra architectures, and InceptionV3 with the auxiliary head its recipes build
+    # away (the checkpoint keeps it, as torchvision's does)
+    for name in ("regnet_x_600mf", "mnasnet2_0"):
+        model = torchvision_model(name=name, num_classes=2)
+        save_file(model.state_dict(), root / f"{name}.safetensors")
+    model = torchvision_model(name="inception_v3", num_classes=2, kwargs={"init_weights": False})
+    save_file(model.state_dict(), root / "inception_v3.safetensors")
     return root
 
 
@@ -45,6 +54,11 @@ def imagenet(tmp_path_factory):
         ("genie/resnet18_imagenet_w4a4", "resnet18", GENIE, 10),  # conv1, 8 blocks, fc
         ("genie/mobilenet_v2_imagenet_w4a4", "mobilenet_v2", GENIE, 20),  # stem, 17, head, fc
         ("dsg/resnet18_imagenet_qat_w4a4", "resnet18", QAT, 0),
+        ("genie/regnet_x_600mf_imagenet_w4a4", "regnet_x_600mf", GENIE, 18),  # stem, 16, fc
+        # stem conv, the two lone convs of the separable stem, 16 blocks, head conv, fc
+        ("genie/mnasnet2_0_imagenet_w4a4", "mnasnet2_0", GENIE, 21),
+        ("dsg/inception_v3_imagenet_qat_w4a4", "inception_v3", QAT, 0),  # 299 = 4·75 - 1
+        ("zeroq/inception_v3_imagenet_w8a8", "inception_v3", ZEROQ, 0),
     ],
 )
 def test_imagenet_recipe_runs(recipe, model, extra, units, imagenet, tmp_path):
@@ -55,14 +69,17 @@ def test_imagenet_recipe_runs(recipe, model, extra, units, imagenet, tmp_path):
         *COMMON,
         *extra,
     ]
-    if units == 0:
+    if extra is QAT:
         params = [p for p in params if not p.startswith("generators.SyntheticSet")]
     out = tmp_path / "r"
     m = run([f"recipes/{recipe}.gin"], params, output_dir=out)
-    assert m["w_bits"] == 4 and m["a_bits"] == 4
+    bits = int(recipe[-1])
+    assert m["w_bits"] == bits and m["a_bits"] == bits
     assert 0.0 <= m["last"]["test_top1"] <= 100.0
     if units:
         assert m["history"][-1]["stage"] == "reconstructed"
         assert ckpt.latest_checkpoint(out).name == f"epoch-0001-unit-{units:04d}"
-    else:
+    elif extra is QAT:
         assert m["epochs_done"] == 2
+    else:  # PTQ calibration only: one pass, no student step
+        assert m["epochs_done"] == 1

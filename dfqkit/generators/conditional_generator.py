@@ -44,7 +44,10 @@ class ConditionalGenerator(Generator):
 
     Args:
         num_classes: number of classes ``k``.
-        image_size: output side ``s`` (a multiple of 4).
+        image_size: output side ``s``. When ``s`` is not a multiple of 4 (InceptionV3's 299)
+            the seed is ``⌈s/4⌉`` and the centre ``s × s`` of the ``4⌈s/4⌉`` map enters the
+            last conv (GUESS: GDFQ's released code seeds ``⌊s/4⌋`` and so makes ``4⌊s/4⌋``
+            images, 296 for 299; cropping keeps the images the size the data has).
         channels: output channels ``c``.
         latent_dim: size of z (and of the label embedding).
         conditioning: ``"embed_mul"`` (CIFAR form: ``cond = Emb(y) ⊙ z``) or ``"cbn"`` (ImageNet
@@ -69,12 +72,13 @@ class ConditionalGenerator(Generator):
         width: int = 128,
     ) -> None:
         super().__init__(num_classes=num_classes, latent_dim=latent_dim)
-        if image_size < 4 or image_size % 4:
-            raise ValueError(f"image_size must be a positive multiple of 4, got {image_size}")
+        if image_size < 4:
+            raise ValueError(f"image_size must be an int >= 4, got {image_size}")
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
         self.image_size, self.channels, self.conditioning = image_size, channels, conditioning
-        self.init_size = image_size // 4
+        self.init_size = -(-image_size // 4)  # ceil: 4·init_size >= image_size
+        self._crop = (4 * self.init_size - image_size) // 2
         half = width // 2
         cbn = conditioning == "cbn"
         if not cbn:
@@ -115,5 +119,8 @@ class ConditionalGenerator(Generator):
         )
         x = self._norm(self.bn0, x, batch)  # (b, w, s/4, s/4)
         x = self.act(self._norm(self.bn1, self.conv1(x), batch))  # (b, w, s/2, s/2)
-        x = self.act(self._norm(self.bn2, self.conv2(x), batch))  # (b, w/2, s, s)
+        x = self.act(self._norm(self.bn2, self.conv2(x), batch))  # (b, w/2, 4⌈s/4⌉, 4⌈s/4⌉)
+        if x.shape[-1] != self.image_size:  # s not a multiple of 4: the centre s × s
+            c, s = self._crop, self.image_size
+            x = x[..., c : c + s, c : c + s]
         return self.out_bn(torch.tanh(self.conv3(x)))  # (b, c, s, s)

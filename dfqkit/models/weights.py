@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state dict")
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    metadata = getattr(obj, "_metadata", None)  # per-module versions that torch.save kept
     if not state:
         raise ValueError(
             f"checkpoint {str(path)!r} holds no tensors (top-level keys: {list(obj)[:SHOWN]})"
@@ -90,7 +92,13 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     for prefix in WRAPPER_PREFIXES:
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
+            if metadata is not None:
+                metadata = {k[len(prefix) :] if k.startswith(prefix) else k: v
+                            for k, v in metadata.items()}  # fmt: skip
+    out = OrderedDict(state)
+    if metadata is not None:
+        out._metadata = metadata  # type: ignore[attr-defined]
+    return out
 
 
 def _listing(label: str, items: list[str]) -> str:
@@ -99,7 +107,11 @@ def _listing(label: str, items: list[str]) -> str:
 
 
 def load_weights(
-    model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    strict: bool = True,
+    adapt: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> nn.Module:
     """Load the checkpoint at ``path`` into ``model`` (in place) and return ``model``.
 
@@ -109,6 +121,12 @@ def load_weights(
             under ``state_dict``/``model``/... and with ``module.`` prefixes.
         strict: require every key of the model and nothing else (``num_batches_tracked`` of
             BN layers may be absent). Shapes must match either way.
+        adapt: ``adapt(model, state) -> state``, applied before matching: renames keys of
+            another code base's layout (pycls RegNets) or drops heads the model was built
+            without (Inception's auxiliary classifier).
+
+    A checkpoint without per-module version metadata (every ``.safetensors`` file) is loaded
+    as the model's current version, which modules such as torchvision's ``MNASNet`` require.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -116,6 +134,13 @@ def load_weights(
     """
     state = read_state_dict(path)
     expected = model.state_dict()
+    # the checkpoint's module versions; the model's own when it has none or keys were renamed
+    metadata = getattr(state, "_metadata", None)
+    if adapt is not None:
+        state = OrderedDict(adapt(model, state))
+        metadata = None
+    if metadata is None:
+        metadata = getattr(expected, "_metadata", None)
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -144,5 +169,8 @@ def load_weights(
             len(missing),
             len(unexpected),
         )
+    state = OrderedDict(state)
+    if metadata is not None:
+        state._metadata = metadata  # type: ignore[attr-defined]
     model.load_state_dict(state, strict=False)
     return model

@@ -27,10 +27,26 @@ def test_embed_mul_is_label_embedding_times_z():
 def test_gdfq_eps_quirk_and_validation():
     gen = ConditionalGenerator(num_classes=3, image_size=8, channels=3)
     assert gen.bn1.eps == 0.8 and gen.bn2.eps == 0.8 and gen.bn0.eps == 1e-5
-    with pytest.raises(ValueError, match="multiple of 4"):
-        ConditionalGenerator(num_classes=3, image_size=30)
+    with pytest.raises(ValueError, match="image_size must be an int >= 4, got 3"):
+        ConditionalGenerator(num_classes=3, image_size=3)
     with pytest.raises(ValueError, match="conditioning must be one of"):
         ConditionalGenerator(num_classes=3, image_size=8, conditioning="concat")
+
+
+def test_size_not_a_multiple_of_4_is_the_centre_of_the_next_multiple():
+    # 30 = 4·8 - 2: the same seed (8 × 8) as a 32-pixel generator; the 32-pixel map is cut to
+    # its centre 30 × 30 before the last conv, so away from the border (where the 3×3 conv's
+    # zero padding now lands) the image equals the 32-pixel generator's, shifted by one pixel
+    torch.manual_seed(0)
+    big = ConditionalGenerator(num_classes=3, image_size=32, latent_dim=6).eval()
+    small = ConditionalGenerator(num_classes=3, image_size=30, latent_dim=6).eval()
+    small.load_state_dict(big.state_dict())
+    batch = synthesize(big, NoMixer(), 2, torch.device("cpu"))
+    with torch.no_grad():
+        out_big, out_small = big.decode(batch), small.decode(batch)
+    assert out_small.shape == (2, 3, 30, 30)
+    torch.testing.assert_close(out_small[..., 1:-1, 1:-1], out_big[..., 2:-2, 2:-2])
+    assert not torch.allclose(out_small[..., 0, :], out_big[..., 1, 1:-1])  # padding differs
 
 
 def test_cbn_blends_class_affines_by_soft_targets():
