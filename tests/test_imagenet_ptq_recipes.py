@@ -1,6 +1,7 @@
 """The ImageNet recipes of Genie (Genie-D + Genie-M) and DSG's QAT variant run end to end, shrunk,
-on a tiny image folder (2 classes) and random torchvision weights written here, exactly as a user
-runs them: the recipe plus DATA_ROOT and TEACHER_WEIGHTS."""
+on a tiny image folder (2 classes) and random weights written here (torchvision's models and
+dfqkit's pytorchcv-layout ones), exactly as a user runs them: the recipe plus DATA_ROOT and
+TEACHER_WEIGHTS."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 
 from dfqkit import checkpoint as ckpt
-from dfqkit.models import torchvision_model
+from dfqkit.models import shufflenet_g1_w1, sqnxt23_w2, torchvision_model
 from dfqkit.train import run
 
 COMMON = ["NUM_CLASSES = 2", "train.naive_batches = 1", "train.trackers = None", "BATCH_SIZE = 4"]
@@ -44,6 +45,8 @@ def imagenet(tmp_path_factory):
         save_file(model.state_dict(), root / f"{name}.safetensors")
     model = torchvision_model(name="inception_v3", num_classes=2, kwargs={"init_weights": False})
     save_file(model.state_dict(), root / "inception_v3.safetensors")
+    for factory in (shufflenet_g1_w1, sqnxt23_w2):  # pytorchcv's layout, built by dfqkit
+        save_file(factory(num_classes=2).state_dict(), root / f"{factory.__name__}.safetensors")
     return root
 
 
@@ -59,6 +62,9 @@ def imagenet(tmp_path_factory):
         ("genie/mnasnet2_0_imagenet_w4a4", "mnasnet2_0", GENIE, 21),
         ("dsg/inception_v3_imagenet_qat_w4a4", "inception_v3", QAT, 0),  # 299 = 4·75 - 1
         ("zeroq/inception_v3_imagenet_w8a8", "inception_v3", ZEROQ, 0),
+        ("zeroq/shufflenet_g1_w1_imagenet_w8a8", "shufflenet_g1_w1", ZEROQ, 0),
+        ("zeroq/sqnxt23_w2_imagenet_w8a8", "sqnxt23_w2", ZEROQ, 0),
+        ("dsg/shufflenet_g1_w1_imagenet_qat_w4a4", "shufflenet_g1_w1", QAT, 0),
     ],
 )
 def test_imagenet_recipe_runs(recipe, model, extra, units, imagenet, tmp_path):

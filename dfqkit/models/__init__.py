@@ -1,4 +1,5 @@
-"""dfqkit.models: teachers (offline zoo, pytorchcv CIFAR ResNet-20, torchvision/timm adapters).
+"""dfqkit.models: teachers (offline zoo, pytorchcv-layout CIFAR ResNet-20, ShuffleNet v1 and
+SqueezeNext, torchvision/timm adapters).
 
 Importing this package registers every model factory under ``dfqkit.models`` (gin:
 ``@models.mnist_resnet()``).
@@ -7,6 +8,7 @@ Importing this package registers every model factory under ``dfqkit.models`` (gi
 from dfqkit.models.cifar_resnet20 import cifar_resnet20
 from dfqkit.models.mnist_resnet import mnist_resnet
 from dfqkit.models.mnist_vit import mnist_vit
+from dfqkit.models.pytorchcv_imagenet import shufflenet_g1_w1, sqnxt23_w2
 from dfqkit.models.timm_model import timm_model
 from dfqkit.models.torchvision_model import torchvision_model
 from dfqkit.models.weights import load_weights, read_state_dict
@@ -17,6 +19,8 @@ __all__ = [
     "mnist_resnet",
     "mnist_vit",
     "read_state_dict",
+    "shufflenet_g1_w1",
+    "sqnxt23_w2",
     "timm_model",
     "torchvision_model",
 ]
