@@ -26,6 +26,7 @@ MODEL_EXAMPLES = {  # name -> (kwargs, input shape, classes)
     "cifar_resnet20": ({"num_classes": 100, "weights": None}, (2, 3, 32, 32), 100),
     "torchvision_model": ({"name": "resnet18", "num_classes": 7}, (1, 3, 32, 32), 7),
     "timm_model": ({"name": "resnet10t", "num_classes": 5}, (1, 3, 32, 32), 5),
+    "mobilenet_w1": ({"num_classes": 3, "weights": None}, (1, 3, 224, 224), 3),
     "shufflenet_g1_w1": ({"num_classes": 3, "weights": None}, (1, 3, 224, 224), 3),
     "sqnxt23_w2": ({"num_classes": 3, "weights": None}, (1, 3, 224, 224), 3),
 }

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from dfqkit import checkpoint as ckpt
-from dfqkit.models import shufflenet_g1_w1, sqnxt23_w2, torchvision_model
+from dfqkit.models import mobilenet_w1, shufflenet_g1_w1, sqnxt23_w2, torchvision_model
 from dfqkit.train import run
 
 COMMON = ["NUM_CLASSES = 2", "train.naive_batches = 1", "train.trackers = None", "BATCH_SIZE = 4"]
@@ -20,6 +20,7 @@ GENIE = ["SYNTH_IMAGES = 8", "SYNTH_BATCH = 4", "SYNTH_ITERS = 2", "ITERS_PER_EP
          "quantizers.AdaRoundWeightQuantizer.init = 'minmax'"]  # fmt: skip
 QAT = ["EPOCHS = 2", "ITERS_PER_EPOCH = 1", "train.warmup_epochs = 1", "train.calib_epochs = 1"]
 ZEROQ = ["SYNTH_IMAGES = 4", "SYNTH_BATCH = 4", "SYNTH_ITERS = 2"]
+INTRAQ = QAT + ["SYNTH_IMAGES = 8", "SYNTH_BATCH = 4", "SYNTH_ITERS = 2"]  # two-stage QAT
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def imagenet(tmp_path_factory):
         save_file(model.state_dict(), root / f"{name}.safetensors")
     model = torchvision_model(name="inception_v3", num_classes=2, kwargs={"init_weights": False})
     save_file(model.state_dict(), root / "inception_v3.safetensors")
-    for factory in (shufflenet_g1_w1, sqnxt23_w2):  # pytorchcv's layout, built by dfqkit
+    # pytorchcv's layout, built by dfqkit
+    for factory in (shufflenet_g1_w1, sqnxt23_w2, mobilenet_w1):
         save_file(factory(num_classes=2).state_dict(), root / f"{factory.__name__}.safetensors")
     return root
 
@@ -65,6 +67,7 @@ def imagenet(tmp_path_factory):
         ("zeroq/shufflenet_g1_w1_imagenet_w8a8", "shufflenet_g1_w1", ZEROQ, 0),
         ("zeroq/sqnxt23_w2_imagenet_w8a8", "sqnxt23_w2", ZEROQ, 0),
         ("dsg/shufflenet_g1_w1_imagenet_qat_w4a4", "shufflenet_g1_w1", QAT, 0),
+        ("intraq/mobilenet_w1_imagenet_w4a4", "mobilenet_w1", INTRAQ, 0),
     ],
 )
 def test_imagenet_recipe_runs(recipe, model, extra, units, imagenet, tmp_path):
@@ -85,7 +88,7 @@ def test_imagenet_recipe_runs(recipe, model, extra, units, imagenet, tmp_path):
     if units:
         assert m["history"][-1]["stage"] == "reconstructed"
         assert ckpt.latest_checkpoint(out).name == f"epoch-0001-unit-{units:04d}"
-    elif extra is QAT:
+    elif extra in (QAT, INTRAQ):
         assert m["epochs_done"] == 2
     else:  # PTQ calibration only: one pass, no student step
         assert m["epochs_done"] == 1

@@ -1,5 +1,5 @@
-"""dfqkit.models: teachers (offline zoo, pytorchcv-layout CIFAR ResNet-20, ShuffleNet v1 and
-SqueezeNext, torchvision/timm adapters).
+"""dfqkit.models: teachers (offline zoo, pytorchcv-layout CIFAR ResNet-20, MobileNet v1,
+ShuffleNet v1 and SqueezeNext, torchvision/timm adapters).
 
 Importing this package registers every model factory under ``dfqkit.models`` (gin:
 ``@models.mnist_resnet()``).
@@ -8,6 +8,7 @@ Importing this package registers every model factory under ``dfqkit.models`` (gi
 from dfqkit.models.cifar_resnet20 import cifar_resnet20
 from dfqkit.models.mnist_resnet import mnist_resnet
 from dfqkit.models.mnist_vit import mnist_vit
+from dfqkit.models.mobilenet_v1 import mobilenet_w1
 from dfqkit.models.pytorchcv_imagenet import shufflenet_g1_w1, sqnxt23_w2
 from dfqkit.models.timm_model import timm_model
 from dfqkit.models.torchvision_model import torchvision_model
@@ -18,6 +19,7 @@ __all__ = [
     "load_weights",
     "mnist_resnet",
     "mnist_vit",
+    "mobilenet_w1",
     "read_state_dict",
     "shufflenet_g1_w1",
     "sqnxt23_w2",

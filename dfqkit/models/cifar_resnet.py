@@ -30,6 +30,7 @@ class ConvBlock(nn.Module):
         out_channels: int,
         kernel_size: int,
         stride: int = 1,
+        groups: int = 1,
         activation: bool = True,
     ) -> None:
         super().__init__()
@@ -39,6 +40,7 @@ class ConvBlock(nn.Module):
             kernel_size=kernel_size,
             stride=stride,
             padding=kernel_size // 2,
+            groups=groups,
             bias=False,
         )
         self.bn = nn.BatchNorm2d(out_channels)
