@@ -5,12 +5,16 @@ builder for are built from torchvision's classes: ``regnet_x_600mf`` (pycls RegN
 BRECQ and Genie) and ``mnasnet2_0`` (MnasNet with depth multiplier 2.0, as in BRECQ and Genie).
 Checkpoints in pycls's RegNet layout (BRECQ's ``regnet_600m.pth.tar``, ``regnet_3200m.pth.tar``)
 are renamed to torchvision's layout on load; BRECQ's MnasNet-2.0 checkpoint already has
-torchvision's layout.
+torchvision's layout. So are pytorchcv's ResNet, MobileNetV2 and InceptionV3 checkpoints (the
+teachers of GDFQ and its successors, ZeroQ and DSG; :mod:`dfqkit.models.pytorchcv_keys`), with
+two options that build pytorchcv's variants of torchvision's architectures: ``stride_in_1x1``
+and ``first_expand_conv`` (see :data:`OPTIONS`).
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,8 +23,12 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.mnasnet import MNASNet
+from torchvision.models.mobilenetv2 import MobileNetV2
 from torchvision.models.regnet import BlockParams, RegNet
+from torchvision.models.resnet import Bottleneck, ResNet
+from torchvision.ops.misc import Conv2dNormActivation
 
+from dfqkit.models.pytorchcv_keys import is_pytorchcv_layout, pytorchcv_to_torchvision
 from dfqkit.models.weights import load_weights
 from dfqkit.registry import register
 
@@ -44,6 +52,43 @@ def _mnasnet2_0(**kwargs: Any) -> nn.Module:
 EXTRA_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "regnet_x_600mf": _regnet_x_600mf,
     "mnasnet2_0": _mnasnet2_0,
+}
+
+
+def _stride_in_1x1(model: nn.Module) -> None:
+    # The original ResNet (pytorchcv's resnet50/101/152, GDFQ's teacher) strides a downsampling
+    # bottleneck in its first 1×1 conv; torchvision's ("v1.5") in the 3×3 conv.
+    blocks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    if not isinstance(model, ResNet) or not blocks:
+        raise ValueError(
+            "kwargs['stride_in_1x1'] needs a bottleneck ResNet (resnet50, resnet101, ...), "
+            f"got {type(model).__name__} without Bottleneck blocks"
+        )
+    for block in blocks:
+        if block.conv2.stride != (1, 1):
+            block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+
+def _first_expand_conv(model: nn.Module) -> None:
+    # pytorchcv's mobilenetv2_w1 keeps a 1×1 "expansion" conv + BN + ReLU6 (32 -> 32 channels)
+    # in the first block, whose expansion ratio is 1; torchvision's builds none there.
+    block = model.features[1] if isinstance(model, MobileNetV2) else None
+    if block is None or len(block.conv) != 3:
+        raise ValueError(
+            "kwargs['first_expand_conv'] needs a MobileNetV2 whose first block has no expansion "
+            f"conv, got {type(model).__name__}"
+        )
+    channels = block.conv[0][0].in_channels
+    expand = Conv2dNormActivation(
+        channels, channels, kernel_size=1, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU6
+    )
+    block.conv = nn.Sequential(expand, *block.conv)
+
+
+# dfqkit's own ``kwargs``, applied after the builder: pytorchcv's variants of two architectures.
+OPTIONS: dict[str, Callable[[nn.Module], None]] = {
+    "stride_in_1x1": _stride_in_1x1,
+    "first_expand_conv": _first_expand_conv,
 }
 
 
@@ -93,9 +138,21 @@ def pycls_regnet_to_torchvision(state: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-def _adapt(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _adapt(
+    model: nn.Module, state: dict[str, torch.Tensor], *, stride_in_1x1: bool | None = None
+) -> dict[str, torch.Tensor]:
     if isinstance(model, RegNet) and any(k.startswith("stem.conv.") for k in state):
         state = pycls_regnet_to_torchvision(state)
+    elif is_pytorchcv_layout(state):
+        bottleneck = any(isinstance(m, Bottleneck) for m in model.modules())
+        if isinstance(model, ResNet) and bottleneck and stride_in_1x1 is None:
+            # pytorchcv's resnet50 and resnet50b have the same keys and shapes
+            raise ValueError(
+                "the checkpoint has pytorchcv's ResNet layout, which does not say where a "
+                "bottleneck strides: set kwargs={'stride_in_1x1': True} for pytorchcv's "
+                "resnet50/101/152 (the papers' teachers) or False for resnet50b/101b/152b"
+            )
+        state = pytorchcv_to_torchvision(model, state)
     absent = tuple(f"{h}." for h in AUX_HEADS if getattr(model, h, "") is None)
     if absent:
         state = {k: v for k, v in state.items() if not k.startswith(absent)}
@@ -118,11 +175,16 @@ def torchvision_model(
         num_classes: classifier outputs.
         weights: ``None`` for a random init; a local checkpoint path (``.safetensors`` or a
             ``torch.save`` state dict, loaded with ``weights_only=True``; pycls-layout RegNet
-            checkpoints are renamed); or ``"hub"`` for torchvision's default pretrained weights
-            (downloads when online; needs ``num_classes=1000``).
+            and pytorchcv-layout ResNet/MobileNetV2/InceptionV3 checkpoints are renamed); or
+            ``"hub"`` for torchvision's default pretrained weights (downloads when online;
+            needs ``num_classes=1000``).
         kwargs: further keyword arguments of the builder, e.g. ``{'transform_input': True,
             'aux_logits': False, 'init_weights': False}`` for ``inception_v3`` with torchvision's
-            weights (an auxiliary head built away is skipped when loading).
+            weights (an auxiliary head built away is skipped when loading), and dfqkit's
+            :data:`OPTIONS` for pytorchcv's checkpoints: ``{'stride_in_1x1': True}`` (ResNet-50
+            etc.: stride in the bottleneck's 1×1 conv, not the 3×3; required, True or False,
+            with a pytorchcv-layout bottleneck ResNet checkpoint), ``{'first_expand_conv':
+            True}`` (MobileNetV2: a 1×1 expansion conv in the first block).
 
     Returns:
         The model in eval mode.
@@ -141,11 +203,20 @@ def torchvision_model(
     taken = sorted({"num_classes", "weights"} & set(extra))
     if taken:
         raise ValueError(f"kwargs={extra!r} sets {taken}: use the arguments of that name instead")
+    options = {k: extra.pop(k) for k in OPTIONS if k in extra}
+    for key, value in options.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"kwargs[{key!r}] must be True or False, got {value!r}")
     hub = weights == HUB
     if hub and name in EXTRA_ARCHITECTURES:
         raise ValueError(
             f"weights='hub' with name={name!r}: torchvision publishes no weights for it; "
             "pass a local checkpoint (e.g. BRECQ's released one)"
+        )
+    if hub and any(options.values()):
+        raise ValueError(
+            f"kwargs={options!r} build pytorchcv's variant, which torchvision's weights "
+            "(weights='hub') do not fit: pass pytorchcv's checkpoint as a local file"
         )
     try:
         if name in EXTRA_ARCHITECTURES:
@@ -156,6 +227,10 @@ def torchvision_model(
             )
     except TypeError as err:
         raise ValueError(f"kwargs={extra!r} do not fit the builder of {name!r}: {err}") from err
+    for key, value in options.items():
+        if value:
+            OPTIONS[key](model)
     if weights is not None and not hub:
-        load_weights(model, weights, adapt=_adapt)
+        adapt = functools.partial(_adapt, stride_in_1x1=options.get("stride_in_1x1"))
+        load_weights(model, weights, adapt=adapt)
     return model.eval()
