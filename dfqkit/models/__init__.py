@@ -8,8 +8,7 @@ Importing this package registers every model factory under ``dfqkit.models`` (gi
 from dfqkit.models.cifar_resnet20 import cifar_resnet20
 from dfqkit.models.mnist_resnet import mnist_resnet
 from dfqkit.models.mnist_vit import mnist_vit
-from dfqkit.models.mobilenet_v1 import mobilenet_w1
-from dfqkit.models.pytorchcv_imagenet import shufflenet_g1_w1, sqnxt23_w2
+from dfqkit.models.pytorchcv_imagenet import mobilenet_w1, shufflenet_g1_w1, sqnxt23_w2
 from dfqkit.models.timm_model import timm_model
 from dfqkit.models.torchvision_model import torchvision_model
 from dfqkit.models.weights import load_weights, read_state_dict

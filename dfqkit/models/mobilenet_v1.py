@@ -1,4 +1,4 @@
-"""MobileNet v1 (width 1.0), compatible with pytorchcv's ``mobilenet_w1`` ImageNet checkpoint.
+"""MobileNet v1 in pytorchcv's layout (the factory ``mobilenet_w1`` is in ``pytorchcv_imagenet``).
 
 IntraQ and HAST report pytorchcv's ``mobilenet_w1``; torchvision has no MobileNet v1 and timm's
 has another layout. State-dict keys, as in pytorchcv::
@@ -17,8 +17,6 @@ import torch
 from torch import nn
 
 from dfqkit.models.cifar_resnet import ConvBlock
-from dfqkit.models.weights import load_weights
-from dfqkit.registry import register
 
 # Output channels of each depthwise-separable unit, by stage; the first unit of every stage but
 # the first has stride 2 (224 → 112 stem → 112, 56, 28, 14, 7).
@@ -93,27 +91,3 @@ class MobileNetV1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(self.features(x).flatten(1))  # (b, c, 1, 1) → (b, k)
-
-
-@register("models")
-def mobilenet_w1(*, num_classes: int = 1000, weights: str | None = None) -> nn.Module:
-    """MobileNet v1 (width 1.0) for 224×224 images, pytorchcv's ``mobilenet_w1``.
-
-    Reference: Howard et al., "MobileNets: Efficient Convolutional Neural Networks for Mobile
-    Vision Applications", 2017; pytorchcv's layout (the MobileNetV1 teacher of IntraQ and
-    HAST), so its checkpoint ``mobilenet_w1-*.pth`` loads without pytorchcv.
-
-    Args:
-        num_classes: outputs of the classifier (1000 for ImageNet).
-        weights: ``None`` for a random init, or a local checkpoint path (``.safetensors`` or a
-            ``torch.save`` state dict).
-
-    Returns:
-        The model in eval mode; ``(b, 3, 224, 224)`` → ``(b, num_classes)``.
-    """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    model = MobileNetV1(in_size=224, num_classes=num_classes)
-    if weights is not None:
-        load_weights(model, weights)
-    return model.eval()

@@ -1,8 +1,10 @@
-"""ShuffleNet v1 and SqueezeNext-23 ×2, compatible with pytorchcv's ImageNet checkpoints.
+"""MobileNet v1, ShuffleNet v1 and SqueezeNext-23 ×2, compatible with pytorchcv's ImageNet
+checkpoints.
 
-ZeroQ and DSG report pytorchcv's ``shufflenet_g1_w1`` (FP 65.07) and ``sqnxt23_w2`` (FP 69.38);
-torchvision and timm have neither architecture. The classes in :mod:`dfqkit.models.shufflenet`
-and :mod:`dfqkit.models.squeezenext` have pytorchcv's module names, shapes and forward, so its
+ZeroQ and DSG report pytorchcv's ``shufflenet_g1_w1`` (FP 65.07) and ``sqnxt23_w2`` (FP 69.38),
+IntraQ its ``mobilenet_w1``; torchvision has none of them (timm's MobileNet v1 has another
+layout). The classes in :mod:`dfqkit.models.mobilenet_v1`, :mod:`dfqkit.models.shufflenet` and
+:mod:`dfqkit.models.squeezenext` have pytorchcv's module names, shapes and forward, so its
 released checkpoints load as they are, without pytorchcv installed.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from dfqkit.models.mobilenet_v1 import MobileNetV1
 from dfqkit.models.shufflenet import ShuffleNet
 from dfqkit.models.squeezenext import SqueezeNext
 from dfqkit.models.weights import load_weights
@@ -53,6 +56,12 @@ def _check_num_classes(num_classes: int) -> None:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
 
 
+def _loaded(model: nn.Module, weights: str | None) -> nn.Module:
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
 @register("models")
 def shufflenet_g1_w1(*, num_classes: int = 1000, weights: str | None = None) -> nn.Module:
     """ShuffleNet v1 (1 group, width 1.0) for 224×224 images, pytorchcv's ``shufflenet_g1_w1``.
@@ -70,10 +79,7 @@ def shufflenet_g1_w1(*, num_classes: int = 1000, weights: str | None = None) -> 
         The model in eval mode; ``(b, 3, 224, 224)`` → ``(b, num_classes)``.
     """
     _check_num_classes(num_classes)
-    model = ShuffleNet(groups=1, in_size=224, num_classes=num_classes)
-    if weights is not None:
-        load_weights(model, weights)
-    return model.eval()
+    return _loaded(ShuffleNet(groups=1, in_size=224, num_classes=num_classes), weights)
 
 
 @register("models")
@@ -94,6 +100,24 @@ def sqnxt23_w2(*, num_classes: int = 1000, weights: str | None = None) -> nn.Mod
     """
     _check_num_classes(num_classes)
     model = SqueezeNext(width_scale=2.0, units=(6, 6, 8, 1), in_size=224, num_classes=num_classes)
-    if weights is not None:
-        load_weights(model, weights)
-    return model.eval()
+    return _loaded(model, weights)
+
+
+@register("models")
+def mobilenet_w1(*, num_classes: int = 1000, weights: str | None = None) -> nn.Module:
+    """MobileNet v1 (width 1.0) for 224×224 images, pytorchcv's ``mobilenet_w1``.
+
+    Reference: Howard et al., "MobileNets: Efficient Convolutional Neural Networks for Mobile
+    Vision Applications", 2017; pytorchcv's layout (the MobileNetV1 teacher of IntraQ and
+    HAST), so its checkpoint ``mobilenet_w1-*.pth`` loads without pytorchcv.
+
+    Args:
+        num_classes: outputs of the classifier (1000 for ImageNet).
+        weights: ``None`` for a random init, or a local checkpoint path (``.safetensors`` or a
+            ``torch.save`` state dict).
+
+    Returns:
+        The model in eval mode; ``(b, 3, 224, 224)`` → ``(b, num_classes)``.
+    """
+    _check_num_classes(num_classes)
+    return _loaded(MobileNetV1(in_size=224, num_classes=num_classes), weights)
