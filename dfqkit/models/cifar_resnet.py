@@ -21,27 +21,33 @@ from torch import nn
 
 
 class ConvBlock(nn.Module):
-    """Convolution (no bias) → BatchNorm → optional ReLU (pytorchcv ``ConvBlock``)."""
+    """Convolution → BatchNorm → optional ReLU (pytorchcv ``ConvBlock``; shared by dfqkit's
+    pytorchcv-layout models). ``padding=None`` pads half the kernel on each side."""
 
     def __init__(
         self,
         *,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
+        kernel_size: int | tuple[int, int],
         stride: int = 1,
+        padding: int | tuple[int, int] | None = None,
         groups: int = 1,
+        bias: bool = False,
         activation: bool = True,
     ) -> None:
         super().__init__()
+        if padding is None:
+            pair = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+            padding = (pair[0] // 2, pair[1] // 2)
         self.conv = nn.Conv2d(
             in_channels,
             out_channels,
             kernel_size=kernel_size,
             stride=stride,
-            padding=kernel_size // 2,
+            padding=padding,
             groups=groups,
-            bias=False,
+            bias=bias,
         )
         self.bn = nn.BatchNorm2d(out_channels)
         self.activ = nn.ReLU() if activation else None

@@ -18,8 +18,6 @@ unmodified.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from einops import rearrange
 from torch import nn
@@ -170,9 +168,8 @@ class ShuffleNet(nn.Module):
                 stage.add_module(f"unit{j + 1}", unit)
                 channels = width
             self.features.add_module(f"stage{i + 1}", stage)
-        final_size = in_size
-        for _ in range(5):  # stem conv, stem pool, three downsampling units: each ⌈s/2⌉
-            final_size = math.ceil(final_size / 2)
+        # stem conv, stem pool, three downsampling units: each ⌈s/2⌉, together ⌈s/32⌉
+        final_size = -(-in_size // 32)
         self.features.add_module("final_pool", nn.AvgPool2d(kernel_size=final_size, stride=1))
         self.output = nn.Linear(channels, num_classes)
         for module in self.modules():

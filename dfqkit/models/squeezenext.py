@@ -15,31 +15,23 @@ quantizer after every ReLU module" applies as is. ReLUs are not in place.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from dfqkit.models.cifar_resnet import ConvBlock
 
-class ConvBlock(nn.Module):
-    """Convolution with bias → BatchNorm → ReLU (pytorchcv ``ConvBlock(bias=True)``)."""
 
-    def __init__(
-        self,
-        *,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int] = 1,
-        stride: int = 1,
-        padding: int | tuple[int, int] = 0,
-    ) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=True
-        )
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.activ = nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activ(self.bn(self.conv(x)))
+def _conv(
+    *,
+    kernel_size: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    **kwargs: Any,
+) -> ConvBlock:
+    """Convolution with bias → BatchNorm → ReLU (pytorchcv ``ConvBlock(bias=True)``), 1×1 and
+    unpadded unless told."""
+    return ConvBlock(kernel_size=kernel_size, padding=padding, bias=True, **kwargs)
 
 
 class SqnxtUnit(nn.Module):
@@ -62,17 +54,13 @@ class SqnxtUnit(nn.Module):
             reduction, self.resize_identity = 2, False
         mid = in_channels // reduction
         narrow = in_channels // (2 * reduction)
-        self.conv1 = ConvBlock(in_channels=in_channels, out_channels=mid, stride=stride)
-        self.conv2 = ConvBlock(in_channels=mid, out_channels=narrow)
-        self.conv3 = ConvBlock(
-            in_channels=narrow, out_channels=mid, kernel_size=(1, 3), padding=(0, 1)
-        )
-        self.conv4 = ConvBlock(
-            in_channels=mid, out_channels=mid, kernel_size=(3, 1), padding=(1, 0)
-        )
-        self.conv5 = ConvBlock(in_channels=mid, out_channels=out_channels)
+        self.conv1 = _conv(in_channels=in_channels, out_channels=mid, stride=stride)
+        self.conv2 = _conv(in_channels=mid, out_channels=narrow)
+        self.conv3 = _conv(in_channels=narrow, out_channels=mid, kernel_size=(1, 3), padding=(0, 1))
+        self.conv4 = _conv(in_channels=mid, out_channels=mid, kernel_size=(3, 1), padding=(1, 0))
+        self.conv5 = _conv(in_channels=mid, out_channels=out_channels)
         if self.resize_identity:
-            self.identity_conv = ConvBlock(
+            self.identity_conv = _conv(
                 in_channels=in_channels, out_channels=out_channels, stride=stride
             )
         self.activ = nn.ReLU()
@@ -89,7 +77,7 @@ class SqnxtInitBlock(nn.Module):
 
     def __init__(self, *, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.conv = ConvBlock(
+        self.conv = _conv(
             in_channels=in_channels, out_channels=out_channels, kernel_size=7, stride=2, padding=1
         )
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
@@ -144,7 +132,7 @@ class SqueezeNext(nn.Module):
                 channels = width
             self.features.add_module(f"stage{i + 1}", stage)
         self.features.add_module(
-            "final_block", ConvBlock(in_channels=channels, out_channels=final_width)
+            "final_block", _conv(in_channels=channels, out_channels=final_width)
         )
         size = (in_size + 2 - 7) // 2 + 1  # stem conv
         size = -(-(size - 3) // 2) + 1  # stem pool, ceil_mode

@@ -137,8 +137,10 @@ def load_weights(
     # the checkpoint's module versions; the model's own when it has none or keys were renamed
     metadata = getattr(state, "_metadata", None)
     if adapt is not None:
-        state = OrderedDict(adapt(model, state))
-        metadata = None
+        adapted = adapt(model, state)
+        if not adapted.keys() <= state.keys():  # renamed: the versions name other modules
+            metadata = None
+        state = adapted
     if metadata is None:
         metadata = getattr(expected, "_metadata", None)
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
