@@ -5,11 +5,15 @@
                               data="/data/imagenet/val", epochs=50)
 
 ``method`` is a method family (``gin/methods/<method>.gin``: ``gdfq``, ``diversity``,
-``qimera``, ``ait``, ``adasg``, ``adadfq``, ``psaq_vit``) or the path of a gin file. The
-model's input size, mean and std come from its timm ``pretrained_cfg`` when it has one, else
-from the arguments; the number of classes from the data. The run directory is the trainer's own
-(``config.gin``, checkpoints, ``metrics.json``); the returned student is its quantized model
-with frozen activation ranges, on the CPU, in eval mode.
+``qimera``, ``ait``, ``adasg``, ``adadfq``, ``psaq_vit``, ...) or the path of a gin file.
+
+The run is an ordinary run directory: ``config.gin`` names a factory that builds the model's
+architecture again (:func:`dfqkit.models.find_architecture`) and reads its weights from
+``teacher.safetensors`` in the directory, and names how to load the evaluation data (a folder,
+a dfqkit data factory's call, or ``eval_data.safetensors`` in the directory). So
+``python -m dfqkit.export --run DIR`` and ``python -m dfqkit.train --resume --output_dir DIR``
+work on it like on any run. The returned student is the run's **best** checkpoint (the epoch
+with the best validation top-1), quantized, activation ranges frozen, on the CPU, eval mode.
 """
 
 from __future__ import annotations
@@ -20,12 +24,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import gin
+import torch
+from safetensors.torch import save_model
 from torch import nn
 
 from dfqkit import config as cfg
+from dfqkit.data import EvalData, save_eval_data
+from dfqkit.errors import ConfigError
+from dfqkit.models import find_architecture
+from dfqkit.quant import set_quant_mode
+from dfqkit.quant.attention import attention_modules
+from dfqkit.registry import get
+from dfqkit.rundir import record_model
+from dfqkit.taps import bn_layers
+from dfqkit.train import fit, start_run
 
-_PROVIDED: dict[str, Any] = {}
 QUANT_FOR_METHOD = {  # a method's own quantizer; the others use GDFQ's (gin/quant/gdfq.gin)
     "diversity": "gin/quant/diversity.gin",
     "zeroq": "gin/quant/zeroq.gin",
@@ -34,21 +47,28 @@ QUANT_FOR_METHOD = {  # a method's own quantizer; the others use GDFQ's (gin/qua
     "genie": "gin/quant/genie.gin",
 }
 ADD_ONS = ("plugin",)  # fragments that extend a method rather than define one
+TEACHER_FILE = "teacher.safetensors"
+DATA_FILE = "eval_data.safetensors"
 
 
-@gin.configurable("provided_model", module="dfqkit.api")
-def provided_model() -> nn.Module:
-    """The model handed to :func:`quantize` (gin: ``@api.provided_model()``)."""
-    return _PROVIDED["model"]
-
-
-@gin.configurable("provided_data", module="dfqkit.api")
-def provided_data():
-    """The evaluation data handed to :func:`quantize` (gin: ``@api.provided_data()``)."""
-    return _PROVIDED["data"]
-
-
-def _data_config(model: nn.Module, image_size, mean, std) -> tuple[int, tuple, tuple]:
+def _data_config(model: nn.Module, data: Any, image_size, mean, std) -> tuple[int, tuple, tuple]:
+    """The model's input size, mean and std: from ``data`` when it is an EvalData, else the
+    arguments, else the model's timm ``pretrained_cfg``."""
+    if isinstance(data, EvalData):
+        given = {"image_size": image_size, "mean": mean, "std": std}
+        own = {"image_size": data.image_size, "mean": tuple(data.mean), "std": tuple(data.std)}
+        clash = [
+            k
+            for k, v in given.items()
+            if v is not None and (tuple(v) if k != "image_size" else v) != own[k]
+        ]
+        if clash:
+            raise ValueError(
+                f"quantize: {', '.join(clash)} given as "
+                f"{', '.join(repr(given[k]) for k in clash)} but the EvalData says "
+                f"{', '.join(repr(own[k]) for k in clash)}: leave them out (the data's are used)"
+            )
+        return own["image_size"], own["mean"], own["std"]
     pretrained = getattr(model, "pretrained_cfg", None) or {}
     if image_size is None and "input_size" in pretrained:
         image_size = pretrained["input_size"][-1]
@@ -75,6 +95,61 @@ def _method_file(method: str | Path) -> str:
     return fragment
 
 
+def _teacher_bindings(
+    model: nn.Module, architecture: str | None, out: Path, shape: tuple[int, int, int]
+) -> list[str]:
+    """Save the model's weights into the run directory and return the gin bindings that build
+    it again; check that the rebuilt model computes exactly what ``model`` computes."""
+    arch = find_architecture(model, architecture)
+    save_model(model, str(out / TEACHER_FILE))
+    scope = f"models.{arch.factory}"
+    lines = [
+        f"train.teacher = @{scope}()",
+        *arch.bindings(),
+        f"{scope}.weights = @teacher/run_file()",
+        f"teacher/run_file.name = {TEACHER_FILE!r}",
+        "run_file.run_dir = %RUN_DIR",
+    ]
+    rebuilt = get("models", arch.factory)(**arch.kwargs, weights=str(out / TEACHER_FILE))
+    probe = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(model).cpu().eval()  # the caller's model stays as it is
+    with torch.no_grad():
+        same = torch.equal(rebuilt.eval()(probe), reference(probe))
+    if not same:
+        raise ValueError(
+            f"quantize: the teacher rebuilt by @models.{arch.factory}({arch.kwargs}) with the "
+            "saved weights does not compute what the given model computes; pass "
+            "architecture='package.module:function' (a function without arguments that "
+            "returns the float model)"
+        )
+    return lines
+
+
+def _data_bindings(data: Any, size: int, mean: tuple, std: tuple, out: Path) -> list[str]:
+    """The gin bindings that load the evaluation data again (``EVAL_DATA``)."""
+    if isinstance(data, EvalData):
+        if data.source is not None:
+            factory, kwargs = data.source
+            lines = [f"EVAL_DATA = @data.{factory}()"]
+            return lines + [f"data.{factory}.{k} = {v!r}" for k, v in kwargs.items()]
+        save_eval_data(data, out / DATA_FILE)
+        return [
+            "EVAL_DATA = @data.saved()",
+            "data.saved.path = @data/run_file()",
+            f"data/run_file.name = {DATA_FILE!r}",
+            "run_file.run_dir = %RUN_DIR",
+        ]
+    root = str(Path(data).expanduser().resolve())
+    return [
+        "EVAL_DATA = @data.imagenet_folder()",
+        f"data.imagenet_folder.root = {root!r}",
+        f"data.imagenet_folder.image_size = {size}",
+        f"data.imagenet_folder.resize = {int(size / 0.875)}",
+        f"data.imagenet_folder.mean = {tuple(mean)!r}",
+        f"data.imagenet_folder.std = {tuple(std)!r}",
+    ]
+
+
 def quantize(
     model: nn.Module,
     *,
@@ -91,6 +166,7 @@ def quantize(
     seed: int = 0,
     output_dir: str | Path | None = None,
     gin_params: Sequence[str] = (),
+    architecture: str | None = None,
 ) -> nn.Module:
     """Quantize ``model`` data-free with a method's recipe and return the quantized student.
 
@@ -99,41 +175,50 @@ def quantize(
         method: a method family name or a gin file path.
         w_bits, a_bits: bit widths.
         data: evaluation data: an image-folder path (one sub-folder per class) or an
-            :class:`~dfqkit.data.EvalData`; required (the best epoch is chosen on it).
-        image_size, mean, std: the model's input (default: its timm ``pretrained_cfg``).
+            :class:`~dfqkit.data.EvalData` (its image size, mean and std are then used);
+            required (the best epoch is chosen on its validation split).
+        image_size, mean, std: the model's input (default: the EvalData's, else the model's
+            timm ``pretrained_cfg``).
         epochs, iters_per_epoch, batch_size: the budget (default: the method's).
         seed: the run's seed.
         output_dir: the run directory (default: a new temporary directory).
         gin_params: extra ``"KEY = VALUE"`` bindings.
+        architecture: ``'package.module:function'`` building the float model without
+            arguments, for a model dfqkit cannot rebuild by itself (see
+            :func:`dfqkit.models.find_architecture`).
 
     Returns:
-        The quantized student (CPU, eval mode, activation ranges frozen).
+        The quantized student of the best validation epoch (CPU, eval mode, activation ranges
+        frozen); ``student.run_dir`` is the run directory, whose ``metrics.json`` records which
+        epoch was returned (``models``).
     """
-    from dfqkit.data import EvalData, imagenet_folder
-    from dfqkit.quant.attention import attention_modules
-    from dfqkit.taps import bn_layers
-    from dfqkit.train import load_run, run
-
     if data is None:
         raise ValueError("quantize: data is required (an image folder path or an EvalData)")
-    size, mean, std = _data_config(model, image_size, mean, std)
-    if not isinstance(data, EvalData):
-        data = imagenet_folder(
-            root=str(data), image_size=size, resize=int(size / 0.875), mean=mean, std=std
-        )
+    size, mean, std = _data_config(model, data, image_size, mean, std)
+    if not isinstance(data, EvalData) and not Path(data).expanduser().is_dir():
+        raise ValueError(f"quantize: data={str(data)!r} is not a folder of images")
+    channels = data.channels if isinstance(data, EvalData) else 3
+    num_classes = data.num_classes if isinstance(data, EvalData) else None
     vit = bool(attention_modules(model))
     quant = "gin/quant/vit.gin" if vit else QUANT_FOR_METHOD.get(str(method), "gin/quant/gdfq.gin")
     files = ["gin/base.gin", _method_file(method), quant]
+    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="dfqkit_"))
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = _teacher_bindings(model, architecture, out, (channels, size, size))
+    if num_classes is None:
+        with torch.no_grad():
+            probe = torch.zeros(1, channels, size, size)
+            num_classes = copy.deepcopy(model).cpu().eval()(probe).shape[-1]
     params = [
-        f"NUM_CLASSES = {data.num_classes}",
+        f"NUM_CLASSES = {num_classes}",
         f"IMAGE_SIZE = {size}",
-        f"CHANNELS = {data.channels}",
-        "EVAL_DATA = @api.provided_data()",
+        f"CHANNELS = {channels}",
+        *_data_bindings(data, size, mean, std, out),
         f"W_BITS = {w_bits}",
         f"A_BITS = {a_bits}",
         f"SEED = {seed}",
-        "train.teacher = @api.provided_model()",
-        "train.data = @api.provided_data()",
+        *teacher,
+        "train.data = %EVAL_DATA",
     ]
     params += [
         f"{k} = {v}"
@@ -147,12 +232,14 @@ def quantize(
     if not bn_layers(model):  # a BN-free model (a ViT) takes no BN-statistics loss
         params.append("losses.BNStatsLoss.weight = 0.0")
     params += list(gin_params)
-    out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="dfqkit_"))
-    _PROVIDED.update(model=copy.deepcopy(model), data=data)  # the caller's model stays as is
-    try:
-        run(files, params, output_dir=out)
-        student = load_run(out)["student_module"].cpu()
-    finally:
-        _PROVIDED.clear()
+    recipe = f"dfqkit.quantize(method={str(method)!r})"
+    run, resumed_from = start_run(files, params, output_dir=out, recipe=recipe)
+    fit(run, resumed_from=resumed_from)
+    which = "best" if run.checkpoint_path("best") is not None else "last"
+    if run.load(which) is None:
+        raise ConfigError(f"quantize: the run in {str(out)!r} left no checkpoint")
+    student = run.student_module.cpu().eval()
+    set_quant_mode(student, "frozen")
+    record_model(out, out / "dfqkit.quantize", run.loaded)
     student.run_dir = str(out)
     return student

@@ -20,6 +20,7 @@ by each ``--scales`` factor.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -36,36 +37,23 @@ import gin
 import torch
 
 from dfqkit import config as cfg
-from dfqkit.data import EvalData
-
-
-def synthetic_data(*, num_classes: int, image_size: int, channels: int, size: int = 8) -> EvalData:
-    """Random images standing in for an evaluation set (speed benchmarks only)."""
-    images = torch.randn(size, channels, image_size, image_size)
-    labels = torch.arange(size) % num_classes
-    ds = torch.utils.data.TensorDataset(images, labels)
-    return EvalData(
-        name="synthetic",
-        num_classes=num_classes,
-        image_size=image_size,
-        channels=channels,
-        mean=(0.0,) * channels,
-        std=(1.0,) * channels,
-        val=ds,
-        test=ds,
-    )
-
-
-if __name__ != "__main__":  # under `python -m dfqkit.bench`, the imported module registers it
-    gin.register(synthetic_data, module="dfqkit.bench")
+from dfqkit.bench_reference import reference_iteration_ms
+from dfqkit.build import build_run
+from dfqkit.engine import Phase
+from dfqkit.evaluate import evaluate
+from dfqkit.generators.base import synthesize
+from dfqkit.phases import noise_batch
+from dfqkit.quant import act_quantizers, set_quant_mode
+from dfqkit.run import Run
+from dfqkit.rundir import load_run
 
 SPEED_BINDINGS = (
     "TEACHER_WEIGHTS = None",
     "DATA_ROOT = None",
-    "train.data = @bench.synthetic_data()",
-    "bench.synthetic_data.num_classes = %NUM_CLASSES",
-    "bench.synthetic_data.image_size = %IMAGE_SIZE",
-    "bench.synthetic_data.channels = %CHANNELS",
+    "train.data = @data.synthetic()",
+    "data.synthetic.num_classes = %NUM_CLASSES",
+    "data.synthetic.image_size = %IMAGE_SIZE",
+    "data.synthetic.channels = %CHANNELS",
 )
 
 
@@ -79,14 +67,13 @@ def speed(
     params: Sequence[str] = (),
     reference: str | None = None,
 ) -> dict[str, Any]:
-    """Time the recipe's steady-state training iteration; returns the figures.
+    """Time the recipe's steady-state training iteration (built by the gin root like any run,
+    on random weights and synthetic data); returns the figures.
 
     With ``reference="gdfq"``, time instead the official GDFQ iteration re-created by
     :mod:`dfqkit.bench_reference` on the recipe's teacher, batch and bit widths (run it in its
     own process, beside a run without it, so peak memory compares too).
     """
-    from dfqkit.train import train
-
     if reference not in (None, "gdfq"):
         raise cfg.ConfigError(f"--reference must be 'gdfq', got {reference!r}")
     if threads:
@@ -99,8 +86,6 @@ def speed(
     bs = gin.query_parameter("%BATCH_SIZE")
     timing: dict[str, float] = {}
     if reference == "gdfq":
-        from dfqkit.bench_reference import reference_iteration_ms
-
         teacher = gin.query_parameter("train.teacher").scoped_configurable_fn()
         macros = {
             m: gin.query_parameter(f"%{m}")
@@ -119,7 +104,8 @@ def speed(
         )
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            marks = train(output_dir=tmp, benchmark=(warmup, iters))["marks"]
+            run = build_run(output_dir=tmp, for_training=False)
+            marks = time_iterations(run, warmup=warmup, iterations=iters)
         triples = [marks[i : i + 3] for i in range(0, len(marks), 3)]
         timing["ms_generator_step"] = 1000 * statistics.median(b - a for a, b, _ in triples)
         timing["ms_student_step"] = 1000 * statistics.median(c - b for _, b, c in triples)
@@ -140,6 +126,21 @@ def speed(
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def time_iterations(run: Run, *, warmup: int, iterations: int) -> list[float]:
+    """Time ``iterations`` steady-state iterations of ``run`` (generator and student step, ranges
+    frozen) after ``warmup`` calibrating ones; returns three timestamps per iteration: start, end
+    of the generator step, end of the student step."""
+    set_quant_mode(run.student, "observe")
+    for _ in range(warmup):
+        run.engine.iteration(Phase(generator=True, observe=True, student=True), 0)
+    set_quant_mode(run.student, "frozen")
+    marks: list[float] = []
+    for _ in range(iterations):
+        run.engine.iteration(Phase(generator=True, observe=False, student=True), 0, marks)
+    run.engine.pop_loss_means()
+    return marks
 
 
 def _run_one(recipe: str, seed: int, out: Path, params: Sequence[str], threads: int | None):
@@ -303,23 +304,16 @@ def calibration(
     "scaled": {factor: top1}}}}``; sources ``noise``, ``real`` (the train split, when the
     dataset has one) and ``generator`` (with ``run_dir``: its newest checkpoint).
     """
-    import copy
-
-    from dfqkit.evaluate import evaluate
-    from dfqkit.generators.base import synthesize
-    from dfqkit.quant import act_quantizers, set_quant_mode
-    from dfqkit.runs import noise_batch
-    from dfqkit.train import train
-
     if run_dir is not None:
-        recipes = [str(run_dir / "config.gin")]
-    cfg.parse(recipes, params)
-    batch_size = cfg.macro_value("BATCH_SIZE", 64)
-    seed = cfg.macro_value("SEED", 0)
-    with tempfile.TemporaryDirectory() as tmp:
-        parts = train(output_dir=run_dir or tmp, resume=True, inspect=True)
-    teacher, data, device = parts["teacher"], parts["data"], parts["device"]
-    student = getattr(parts["student"], "module", parts["student"])
+        run = load_run(run_dir, which="last")
+    else:
+        cfg.parse(recipes, params)
+        torch.manual_seed(cfg.macro_value("SEED", 0))
+        with tempfile.TemporaryDirectory() as tmp:
+            run = build_run(output_dir=tmp, for_training=False)
+    batch_size, seed = run.schedule.batch_size, run.schedule.seed
+    teacher, data, device = run.teacher, run.data, run.device
+    student = run.student_module
     test = data.loader("test", 256)
 
     def source_batches(name: str):
@@ -334,7 +328,7 @@ def calibration(
                 idx = torch.randint(len(train_set), (batch_size,), generator=gen).tolist()
                 yield torch.stack([train_set[i][0] for i in idx]).to(device)
         else:
-            generator, mixer = parts["generator"], parts["mixer"]
+            generator, mixer = run.generator, run.mixer
             generator.train()
             for _ in range(batches):
                 yield synthesize(generator, mixer, batch_size, device).images
@@ -461,6 +455,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from dfqkit.bench import main as _main  # the module that registered its configurables
-
-    sys.exit(_main())
+    sys.exit(main())

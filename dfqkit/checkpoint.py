@@ -3,7 +3,13 @@
 A checkpoint is written into ``checkpoints/.tmp-epoch-NNNN``, marked complete with a
 ``COMPLETE`` file once every process has written its part, and only then renamed to
 ``checkpoints/epoch-NNNN`` (an atomic rename). A run killed mid-write leaves a ``.tmp-*``
-directory that is never loaded and is removed by the next save.
+directory that is never loaded and is removed by the next save. The newest ``keep`` epoch
+checkpoints are kept.
+
+Whenever validation improves, that epoch's checkpoint is also kept as ``checkpoints/best``, by
+the same protocol: copied into ``.tmp-best``, marked ``COMPLETE``, then swapped in (the previous
+``best`` is renamed to ``.old-best`` first and removed last, so a kill at any point leaves a
+complete ``best`` or ``.old-best`` that :func:`best_checkpoint` finds).
 
 Before a checkpoint is loaded, :func:`verify_checkpoint` reads every file of it safely:
 safetensors files through their header, every other file with ``torch.load(weights_only=True)``
@@ -18,10 +24,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dfqkit.config import ConfigError
+from dfqkit.errors import ConfigError
 from dfqkit.models.weights import safe_torch_load
 
 COMPLETE = "COMPLETE"
+BEST = "best"
 _NAME = re.compile(r"^epoch-(\d{4,})(?:-unit-(\d{4,}))?$")
 
 
@@ -55,7 +62,7 @@ class TrainState:
 
 def verify_checkpoint(path: Path) -> None:
     """Read every file of checkpoint ``path`` without executing anything; raise
-    :class:`~dfqkit.config.ConfigError` naming the first file that is corrupt, truncated, or holds
+    :class:`~dfqkit.errors.ConfigError` naming the first file that is corrupt, truncated, or holds
     pickled objects other than tensors and plain values."""
     from safetensors import SafetensorError, safe_open
 
@@ -116,3 +123,56 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+def best_checkpoint(output_dir: Path) -> Path | None:
+    """The complete ``best`` checkpoint (the epoch with the best validation top-1), or
+    ``None``; a ``best`` swap interrupted by a kill leaves ``.old-best``, found here too."""
+    root = checkpoint_dir(output_dir)
+    for name in (BEST, f".old-{BEST}"):
+        if _complete(root / name):
+            return root / name
+    return None
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The number of epochs done when checkpoint ``path`` was written."""
+    return int((path / COMPLETE).read_text().split()[0])
+
+
+def save_best(accelerator, output_dir: Path, source: Path) -> Path:
+    """Keep the complete checkpoint ``source`` (just written) as ``checkpoints/best``."""
+    root = checkpoint_dir(output_dir)
+    final, tmp, old = root / BEST, root / f".tmp-{BEST}", root / f".old-{BEST}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)  # a partial copy is never loaded: only `best` and
+        # `.old-best` are, and each is complete (renamed only after the copy finished)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path, config: Path) -> None:
+    """Verify checkpoint ``path`` (:func:`verify_checkpoint`) and restore it into every part
+    registered with ``accelerator``; a checkpoint of another configuration is refused naming
+    the first mismatch and the run's ``config``."""
+    verify_checkpoint(path)  # readable, and nothing in it would run code
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, KeyError, ValueError, IndexError) as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()][:2]
+        detail = " ".join(lines)[:300] or type(err).__name__
+        raise ConfigError(
+            f"checkpoint {str(path)!r} does not fit this run ({detail}): it was written by "
+            f"another configuration; compare {str(config)!r} with the recipe and bindings "
+            "given now"
+        ) from err

@@ -4,25 +4,39 @@ Gin files are looked up, in order, as given (relative to the working directory),
 directory of ``$DFQKIT_GIN_PATH`` (``os.pathsep``-separated), then under the dfqkit source tree
 (the directory holding ``gin/`` and ``recipes/``). ``include 'gin/base.gin'`` inside a recipe
 resolves the same way, so recipes run from anywhere.
+
+A run directory stores its configuration self-contained: :func:`flatten` writes the given files
+with every ``include`` replaced by the included text (recursively, in place), followed by the
+command-line bindings, so parsing it gives the same bindings in the same order whatever the
+source tree holds later. :func:`snapshot` is the parsed configuration as plain strings, to
+compare two configurations binding by binding.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import gin
 from gin import config as gin_config
 
+import dfqkit.build  # noqa: F401  (gin-registers the root `train`)
+import dfqkit.data  # noqa: F401  (gin-registers the datasets)
+import dfqkit.optim  # noqa: F401  (gin-registers optimizers beyond torch.optim)
+from dfqkit import registry
+from dfqkit.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STANDARD_MACROS = ("W_BITS", "A_BITS", "SEED", "EPOCHS", "ITERS_PER_EPOCH", "BATCH_SIZE")
 
 
-class ConfigError(ValueError):
-    """A configuration problem found before any compute; the message says what to change."""
+__all__ = ["REPO_ROOT", "STANDARD_MACROS", "ConfigError", "flatten", "parse", "snapshot"]
+INCLUDE = re.compile(r"""^\s*include\s+(['"])(?P<path>.+?)\1\s*(#.*)?$""")
 
 
 def search_paths() -> list[Path]:
@@ -44,19 +58,13 @@ def resolve_gin_file(path: str | os.PathLike) -> Path:
     raise ConfigError(f"gin file {str(path)!r} not found (looked in: {looked})")
 
 
-def _register_configurables() -> None:
-    """Import everything that registers gin configurables, so bindings can be checked."""
-    from dfqkit import registry
-
+def register_configurables() -> None:
+    """Register every gin configurable (components, plugins, ``torch.optim``), so bindings can
+    be checked."""
     registry.load_all()
     with warnings.catch_warnings():  # gin.torch touches deprecated torch names on import
         warnings.simplefilter("ignore")
         import gin.torch.external_configurables  # noqa: F401  (torch.optim.* bindings)
-
-    import dfqkit.api  # noqa: F401  (gin-registers the models handed to dfqkit.quantize)
-    import dfqkit.data  # noqa: F401  (gin-registers the datasets)
-    import dfqkit.optim  # noqa: F401  (gin-registers optimizers beyond torch.optim)
-    import dfqkit.train  # noqa: F401  (gin-registers the root `train`)
 
 
 def _short(err: Exception) -> str:
@@ -99,6 +107,24 @@ def macro_value(name: str, default=None):
         return default
 
 
+class _FileLookupFilter(logging.Filter):
+    """gin logs every search-path probe of an included file ("Path not found: ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not msg.startswith(("Path not found", "system_path_file_exists"))
+
+
+@contextlib.contextmanager
+def _quiet_file_lookups() -> Iterator[None]:
+    root, flt = logging.getLogger(), _FileLookupFilter()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+
+
 def parse(
     gin_files: Sequence[str | os.PathLike],
     gin_params: Sequence[str] = (),
@@ -116,17 +142,16 @@ def parse(
     """
     if not gin_files:
         raise ConfigError("no gin file given: pass --gin RECIPE.gin (see recipes/)")
-    _register_configurables()
+    register_configurables()
     gin.clear_config()  # each parse starts from an empty, unlocked config (one run per parse)
     files = [resolve_gin_file(f) for f in gin_files]
-    known = set(gin_config._LOCATION_PREFIXES)
-    for root in reversed(search_paths()):
-        if str(root) not in known:
-            gin.add_config_file_search_path(str(root))
+    # gin looks for included files in this order; the same as resolve_gin_file and flatten
+    gin_config._LOCATION_PREFIXES[:] = ["", *(str(p) for p in search_paths())]
     try:
-        gin.parse_config_files_and_bindings(
-            [str(f) for f in files], list(gin_params), finalize_config=False
-        )
+        with _quiet_file_lookups():
+            gin.parse_config_files_and_bindings(
+                [str(f) for f in files], list(gin_params), finalize_config=False
+            )
     except (ValueError, KeyError, TypeError, SyntaxError, OSError) as err:
         raise ConfigError(f"bad config: {_short(err)}") from err
     missing = required_macros()
@@ -152,14 +177,59 @@ def run_name(path: Path) -> str:
     return re.sub(r"\.gin$", "", name).replace("/", "_")
 
 
-def save_config(output_dir: Path, gin_files: Sequence[Path], gin_params: Sequence[str]) -> None:
-    """Write ``config.gin``: the given files' text and the command-line bindings."""
+def _inline(path: Path, seen: tuple[Path, ...]) -> list[str]:
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"gin include cycle: {chain}")
+    lines = []
+    for line in path.read_text().splitlines():
+        match = INCLUDE.match(line)
+        if match is None:
+            lines.append(line)
+            continue
+        target = resolve_gin_file(match.group("path"))
+        lines.append(f"# ---- include {match.group('path')!r} ({target})")
+        lines += _inline(target, (*seen, path))
+        lines.append(f"# ---- end of {match.group('path')!r}")
+    return lines
+
+
+def flatten(gin_files: Sequence[str | os.PathLike], gin_params: Sequence[str] = ()) -> str:
+    """The configuration as one self-contained gin text: each file with its includes inlined
+    (recursively), then the command-line bindings. Parsing it binds exactly what parsing the
+    files and bindings binds, in the same order."""
     parts = []
     for f in gin_files:
-        parts.append(f"# ---- {f}\n{f.read_text()}")
+        path = resolve_gin_file(f)
+        parts.append(f"# ---- {recipe_name(path)} ({path})\n" + "\n".join(_inline(path, ())))
     if gin_params:
         parts.append("# ---- command-line bindings\n" + "\n".join(gin_params))
-    (output_dir / "config.gin").write_text("\n".join(parts) + "\n")
+    return "\n".join(parts) + "\n"
+
+
+def snapshot() -> dict[str, dict[str, str]]:
+    """The parsed configuration, ``{"scope/configurable": {parameter: repr(value)}}``; macros
+    appear as ``{"NAME/gin.macro": {"value": ...}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for (scope, selector), params in gin_config._CONFIG.items():
+        key = f"{scope}/{selector}" if scope else selector
+        out[key] = {name: repr(value) for name, value in params.items()}
+    return out
+
+
+def binding_names(snap: dict[str, dict[str, str]]) -> dict[str, str]:
+    """A snapshot as ``{binding: value}``, with the names a user writes: ``EPOCHS``,
+    ``train.epochs``, ``student/torch.optim.SGD.lr``."""
+    flat = {}
+    for key, params in snap.items():
+        scope, _, selector = key.rpartition("/")
+        for name, value in params.items():
+            if selector == "gin.macro":
+                flat[scope] = value
+            else:
+                short = selector.removeprefix("dfqkit.")
+                flat[f"{scope}/{short}.{name}" if scope else f"{short}.{name}"] = value
+    return flat
 
 
 def save_operative_config(output_dir: Path) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from dfqkit import config as cfg
 from dfqkit.generators.base import synthesize
+from dfqkit.rundir import load_run
 from dfqkit.taps import Taps
 
 MAX_VALUES = 200_000  # per layer, for the histogram (a uniform subsample)
@@ -83,11 +84,9 @@ class _Collector:
 
 def diagnose_run(run_dir: Path, *, batches: int, batch_size: int | None) -> dict[str, Any]:
     """Synthetic-data statistics of one run (and of the real validation split)."""
-    from dfqkit.train import load_run
-
-    parts = load_run(run_dir, need_checkpoint=False)
-    teacher, generator, mixer = parts["teacher"], parts["generator"], parts["mixer"]
-    data, device = parts["data"], parts["device"]
+    run = load_run(run_dir, which="last", need_checkpoint=False)
+    teacher, generator, mixer = run.teacher, run.generator, run.mixer
+    data, device = run.data, run.device
     b = batch_size or 64
     example = torch.zeros(2, data.channels, data.image_size, data.image_size, device=device)
     taps = Taps(teacher, {"activations", "stages"}, stage_parts=[1], example=example)
@@ -110,7 +109,7 @@ def diagnose_run(run_dir: Path, *, batches: int, batch_size: int | None) -> dict
     taps.remove()
     return {
         "run": str(run_dir),
-        "epochs_done": parts["epochs_done"],
+        "epochs_done": run.state.epochs_done,
         "synthetic": synthetic.summary(rng),
         "real": real.summary(rng),
     }

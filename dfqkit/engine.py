@@ -9,11 +9,9 @@ by the student step, the teacher has no weight gradients, and no value is moved 
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,7 +21,7 @@ from dfqkit.generators.base import synthesize
 from dfqkit.guard import StepGuard
 from dfqkit.losses.base import Loss
 from dfqkit.step import Step, SynthBatch
-from dfqkit.taps import Taps
+from dfqkit.taps import Taps, detach_taps, no_grad_params
 
 
 @dataclass(frozen=True)
@@ -47,10 +45,9 @@ class Engine:
         generator_optimizer: optimizer over generator + mixer parameters, or ``None``.
         student_optimizer: optimizer over the student's parameters.
         batch_size: per-process batch size.
-        perturbation_eps: with a value > 0, HAST's one-step perturbed sample: the student loss
-            is also computed on ``x' = x + eps · sign(∇x L_student(x))`` (the gradient taken
-            through the unwrapped student, without weight gradients; the teacher re-run on
-            ``x'``) and the two are summed, as one forward of the student on ``[x; x']``.
+        perturbation: a callable that replaces the student step's batch, teacher logits and
+            taps by a perturbed version (HAST: :class:`~dfqkit.phases.OneStepPerturbation`),
+            with a ``loss_scale`` for the student loss; ``None``: none.
     """
 
     def __init__(
@@ -66,7 +63,7 @@ class Engine:
         student_optimizer: torch.optim.Optimizer,
         batch_size: int,
         example: torch.Tensor | None = None,
-        perturbation_eps: float = 0.0,
+        perturbation: Callable | None = None,
     ) -> None:
         self.acc = accelerator
         # a loss of weight 0 is switched off: not computed, and its taps are not installed
@@ -77,9 +74,9 @@ class Engine:
         self.student_losses = [loss for loss in losses if loss.side == "student"]
         self.gen_opt, self.student_opt = generator_optimizer, student_optimizer
         self.student_in_gen_step = any(loss.needs_student for loss in self.gen_losses)
-        self._student_params = [p for p in student.parameters() if p.requires_grad]
+        self.student_params = [p for p in student.parameters() if p.requires_grad]
         self.batch_size = batch_size
-        self.perturbation_eps = float(perturbation_eps)
+        self.perturbation = perturbation
         mixer_module = getattr(mixer, "module", mixer)
         self.mixer_module = mixer_module
         readers = [*losses, mixer_module]
@@ -161,38 +158,8 @@ class Engine:
         """Student logits for a generator-side loss: differentiable in the images, no weight
         gradients (the unwrapped module, so DDP sees no extra forward)."""
         student = self.acc.unwrap_model(self.student)
-        with _no_grad_params(self._student_params):
+        with no_grad_params(self.student_params):
             return student(images)
-
-    def _with_perturbed(self, batch: SynthBatch, teacher_logits, teacher_taps, epoch: int):
-        """``[x; x']`` with ``x' = x + eps·sign(∇x L(x))``, and the teacher's logits and the
-        student-read taps on both halves."""
-        acc = self.acc
-        images = batch.images.detach().requires_grad_(True)
-        student = acc.unwrap_model(self.student)
-        with acc.autocast(), _no_grad_params(self._student_params), self.student_taps:
-            logits = student(images)
-            probe = Step(batch.replace(images=images), teacher_logits, logits,
-                         teacher_taps=teacher_taps, student_taps=self.student_taps.collect(),
-                         epoch=epoch)  # fmt: skip
-            loss = sum(loss_fn(probe) for loss_fn in self.student_losses)
-        (grad,) = torch.autograd.grad(loss, images)
-        adv = (images + self.perturbation_eps * grad.sign()).detach()
-        with torch.no_grad(), acc.autocast(), self.teacher_taps:
-            adv_logits = self.teacher(adv)
-        adv_taps = self.teacher_taps.collect()
-        both = {k: _cat_taps(v, adv_taps[k]) for k, v in teacher_taps.items()}
-
-        def twice(x):
-            return None if x is None else torch.cat([x, x])
-
-        doubled = SynthBatch(
-            labels=twice(batch.labels),
-            targets=twice(batch.targets),
-            images=torch.cat([batch.images, adv]),
-            mix={k: twice(v) for k, v in batch.mix.items() if isinstance(v, torch.Tensor)},
-        )
-        return doubled, torch.cat([teacher_logits, adv_logits.detach()]), both
 
     def iteration(self, phase: Phase, epoch: int, marks: list[float] | None = None) -> None:
         """One iteration; with ``marks`` (a list, benchmarking only) appends three timestamps:
@@ -233,7 +200,7 @@ class Engine:
                 gen.after_step()
             del gen_loss, step  # the generator graph and its taps are freed here
         teacher_taps = {
-            k: _detach_taps(v) for k, v in teacher_taps.items() if k in self.student_reads
+            k: detach_taps(v) for k, v in teacher_taps.items() if k in self.student_reads
         }
         self._mark(marks)
         batch = batch.detached()
@@ -241,11 +208,11 @@ class Engine:
         if phase.student:
             teacher_logits = teacher_logits.detach()
             scale = 1.0
-            if self.perturbation_eps > 0:
-                batch, teacher_logits, teacher_taps = self._with_perturbed(
-                    batch, teacher_logits, teacher_taps, epoch
+            if self.perturbation is not None:
+                batch, teacher_logits, teacher_taps = self.perturbation(
+                    self, batch, teacher_logits, teacher_taps, epoch
                 )
-                scale = 2.0  # mean over [x; x'] = (L(x) + L(x')) / 2
+                scale = self.perturbation.loss_scale
             with acc.autocast(), self.student_taps:
                 student_logits = self.student(batch.images)
                 step = Step(
@@ -269,18 +236,6 @@ class Engine:
         self._mark(marks)
 
 
-@contextlib.contextmanager
-def _no_grad_params(params: list[nn.Parameter]):
-    """Context: ``params`` do not require gradients inside (restored afterwards)."""
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
 def _all_reduce_grads(module: nn.Module) -> None:
     """Average ``module``'s gradients over processes (one flat all-reduce), for parts that are
     not DDP-wrapped. Which parameters get a gradient depends only on the epoch (the same on
@@ -302,27 +257,3 @@ def _min_over_processes(value: torch.Tensor) -> torch.Tensor:
     value = value.clone()
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return value
-
-
-def _cat_taps(first: Any, second: Any) -> Any:
-    """Concatenate two recordings of one tap along the batch (lists of tensors or of
-    ``(tensor, module)`` pairs, or the ``stages`` dict of lists); the second is detached."""
-    if isinstance(first, dict):
-        return {j: _cat_taps(first[j], second[j]) for j in first}
-    out = []
-    for a, b in zip(first, second, strict=True):
-        if isinstance(a, tuple):
-            out.append((torch.cat([a[0], b[0].detach()]), *a[1:]))
-        else:
-            out.append(torch.cat([a, b.detach()]))
-    return out
-
-
-def _detach_taps(values: list) -> list:
-    out = []
-    for v in values:
-        if isinstance(v, tuple):
-            out.append(tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in v))
-        else:
-            out.append(v.detach())
-    return out

@@ -29,9 +29,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dfqkit import config as cfg
+from dfqkit.errors import ConfigError
+from dfqkit.export_onnx import export_onnx
 from dfqkit.quant import ActQuantizer, quantize_, set_quant_mode
 from dfqkit.quant.functional import _ONNX_EXPORT, qdq
 from dfqkit.quant.modules import QuantConv2d, QuantLinear
+from dfqkit.rundir import load_run, record_model, recorded_model
 
 FORMAT = "dfqkit.quantized.v1"
 
@@ -90,25 +93,27 @@ def quantized_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict
     return tensors, layers
 
 
-def export_safetensors(run_dir: Path, out: Path | None = None) -> Path:
-    """Write ``run_dir``'s student (newest checkpoint) as a quantized safetensors file."""
-    from dfqkit.train import load_run
-
+def export_safetensors(run_dir: Path, out: Path | None = None, *, which: str | None = None) -> Path:
+    """Write ``run_dir``'s student (checkpoint ``which``: ``"best"``, ``"last"``, or ``None``
+    for the best when the run kept one) as a quantized safetensors file; the file's metadata
+    and the run's ``metrics.json`` record which checkpoint and epoch it holds."""
     run_dir = Path(run_dir)
-    parts = load_run(run_dir)
+    run = load_run(run_dir, which=which)
     if not (run_dir / "operative_config.gin").is_file():
-        raise cfg.ConfigError(f"--run {str(run_dir)!r} has no operative_config.gin")
-    image_size, channels = parts["image_size"], parts["channels"]
-    tensors, layers = quantized_tensors(parts["student_module"].cpu())
+        raise ConfigError(f"--run {str(run_dir)!r} has no operative_config.gin")
+    image_size, channels = run.data.image_size, run.data.channels
+    tensors, layers = quantized_tensors(run.student_module.cpu())
     metadata = {
         "format": FORMAT,
         "operative_config": (run_dir / "operative_config.gin").read_text(),
         "input_shape": json.dumps([channels, image_size, image_size]),
         "layers": json.dumps(layers),
-        "epochs_done": str(parts["epochs_done"]),
+        "epochs_done": str(run.loaded[1]),
+        "checkpoint": run.loaded[0],
     }
     out = Path(out) if out is not None else run_dir / "student_quantized.safetensors"
     save_file(tensors, str(out), metadata=metadata)
+    record_model(run_dir, out, run.loaded)
     return out
 
 
@@ -133,7 +138,7 @@ def load_quantized(path: str | Path) -> nn.Module:
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a dfqkit quantized export (format {FORMAT})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    cfg._register_configurables()
+    cfg.register_configurables()
     gin.clear_config()
     try:
         gin.parse_config(meta["operative_config"])
@@ -168,21 +173,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run", required=True, type=Path, help="a run directory")
     parser.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
     parser.add_argument("--out", type=Path, default=None, help="output file")
+    parser.add_argument(
+        "--which",
+        choices=["best", "last"],
+        default=None,
+        help="which checkpoint: best (on validation) or last (default: best when the run kept one)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     try:
         if args.format == "onnx":
-            from dfqkit.export_onnx import export_onnx
-
-            out = export_onnx(args.run, args.out)
+            out = export_onnx(args.run, args.out, which=args.which)
         else:
-            out = export_safetensors(args.run, args.out)
-    except (cfg.ConfigError, ValueError, FileNotFoundError, ImportError) as err:
+            out = export_safetensors(args.run, args.out, which=args.which)
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
         if args.debug:
             raise
         print(f"dfqkit.export: error: {cfg.one_line(err)}", file=sys.stderr)
         return 2
-    print(f"exported {out}")
+    held = recorded_model(args.run, out)
+    print(f"exported {out}" + (f" ({held})" if held else ""))
     return 0
 
 

@@ -19,6 +19,7 @@ import torch
 
 from dfqkit.quant import set_quant_mode
 from dfqkit.quant.functional import _ONNX_EXPORT
+from dfqkit.rundir import load_run, record_model
 
 OPSET = 17
 
@@ -46,11 +47,13 @@ def export_model_onnx(model: torch.nn.Module, example: torch.Tensor, out: Path) 
     return Path(out)
 
 
-def export_onnx(run_dir: Path, out: Path | None = None) -> Path:
-    """Write ``run_dir``'s student (newest checkpoint) as ONNX with QDQ nodes."""
-    from dfqkit.train import load_run
-
-    parts = load_run(run_dir)
-    size, channels = parts["image_size"], parts["channels"]
+def export_onnx(run_dir: Path, out: Path | None = None, *, which: str | None = None) -> Path:
+    """Write ``run_dir``'s student (checkpoint ``which``: ``"best"``, ``"last"``, or ``None``
+    for the best when the run kept one) as ONNX with QDQ nodes; records in ``metrics.json``
+    which epoch the file holds."""
+    run = load_run(run_dir, which=which)
+    size, channels = run.data.image_size, run.data.channels
     out = Path(out) if out is not None else Path(run_dir) / "student_qdq.onnx"
-    return export_model_onnx(parts["student_module"], torch.zeros(1, channels, size, size), out)
+    path = export_model_onnx(run.student_module.cpu(), torch.zeros(1, channels, size, size), out)
+    record_model(run_dir, path, run.loaded)
+    return path

@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dfqkit.errors import NonFiniteLossError
 
-class NonFiniteLossError(RuntimeError):
-    """Too many steps in a row had a non-finite loss or gradient: the run is stopped."""
+__all__ = ["NonFiniteLossError", "StepGuard"]
 
 
 class StepGuard:

@@ -15,6 +15,7 @@ point names a module (or a callable) that registers its components when loaded.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 from collections.abc import Callable
@@ -24,17 +25,12 @@ from typing import Any, TypeVar
 
 import gin
 
+from dfqkit.errors import RegistryError
+
 KINDS: tuple[str, ...] = ("models", "generators", "mixers", "losses", "quantizers", "ptq")
 PLUGIN_GROUP = "dfqkit.plugins"
 
 T = TypeVar("T")
-
-
-class RegistryError(KeyError):
-    """Unknown kind, unknown name or duplicate registration."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -81,11 +77,37 @@ def register(kind: str, name: str | None = None) -> Callable[[T], T]:
                 f"duplicate {kind} component {key!r}: already registered by {previous.where}, "
                 f"now again by {where}; choose another name"
             )
+        if kind == "models" and inspect.isfunction(obj):
+            obj = _recording(obj, key)
         _REGISTRY[kind][key] = Entry(kind, key, obj, where)
         gin.external_configurable(obj, name=key, module=f"dfqkit.{kind}")
         return obj
 
     return decorator
+
+
+#: The attribute where a model built by a registered factory keeps ``(factory, arguments)``.
+BUILT_BY = "dfqkit_built_by"
+
+
+def _recording(factory: Callable[..., Any], key: str) -> Callable[..., Any]:
+    """``factory`` returning models that remember how they were built (``BUILT_BY``: the
+    registered name and every argument, defaults included), so a run can record how to build
+    a model handed to it (``dfqkit.quantize``)."""
+    signature = inspect.signature(factory)
+
+    @functools.wraps(factory)
+    def build(*args: Any, **kwargs: Any) -> Any:
+        model = factory(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        try:
+            setattr(model, BUILT_BY, (key, dict(bound.arguments)))
+        except AttributeError:  # not a module we can annotate
+            pass
+        return model
+
+    return build
 
 
 def load_builtins() -> None:

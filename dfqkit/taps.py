@@ -7,13 +7,16 @@ turns it on around the forwards whose losses read taps, so evaluation forwards r
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 from dfqkit.models.split import cut_indices, find_blocks, is_channels_last, pool_features
+from dfqkit.quant.api import act_quantizers
+from dfqkit.quant.attention import SecondMatmulRecorder, attention_modules
 
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish)
 
@@ -27,16 +30,10 @@ def bn_layers(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def _act_quantizers(model: nn.Module) -> list[nn.Module]:
-    from dfqkit.quant.api import act_quantizers  # local: dfqkit.quant imports nothing from here
-
-    return act_quantizers(model)
-
-
 def activation_sites(model: nn.Module) -> list[nn.Module]:
     """The modules whose outputs the ``activations`` tap records: the activation quantizers of
     a quantized model, otherwise its activation modules."""
-    quantizers = _act_quantizers(model)
+    quantizers = act_quantizers(model)
     if quantizers:
         return quantizers
     return [m for m in model.modules() if isinstance(m, ACTIVATION_TYPES)]
@@ -49,7 +46,7 @@ def quantized_activation_calls(model: nn.Module, example: torch.Tensor) -> list[
     ``vit``: the input quantizer of each MLP's second linear; ``layer_inputs``: the inputs
     of layers fed by an activation). Found by one forward on ``example``; quantizer states
     are restored afterwards."""
-    quantizers = _act_quantizers(model)
+    quantizers = act_quantizers(model)
     saved = [{k: v.clone() for k, v in q.state_dict().items()} for q in quantizers]
     updates = [getattr(q, "_updates", 0) for q in quantizers]
     produced: set[int] = set()
@@ -152,13 +149,11 @@ class Taps:
         self._select: list[int] | None = None
         if "activations" in self.needs:
             sites = activation_sites(model)
-            if example is not None and _act_quantizers(model):
+            if example is not None and act_quantizers(model):
                 self._select = quantized_activation_calls(model, example)
             for m in sites:
                 self._handles.append(m.register_forward_hook(self._activation))
         if "attention" in self.needs:
-            from dfqkit.quant.attention import attention_modules
-
             modules = attention_modules(model)
             if not modules:
                 raise ValueError(
@@ -205,8 +200,6 @@ class Taps:
 
     def _attention_enter(self, module: nn.Module, args: Any) -> None:
         if self.enabled:
-            from dfqkit.quant.attention import SecondMatmulRecorder
-
             mode = SecondMatmulRecorder()
             mode.__enter__()
             self._attention_modes.append(mode)
@@ -260,3 +253,41 @@ class Taps:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def detach_taps(values: list) -> list:
+    """A recording of one tap (tensors or ``(tensor, module)`` pairs), detached."""
+    out = []
+    for v in values:
+        if isinstance(v, tuple):
+            out.append(tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in v))
+        else:
+            out.append(v.detach())
+    return out
+
+
+def cat_taps(first: Any, second: Any) -> Any:
+    """Concatenate two recordings of one tap along the batch (lists of tensors or of
+    ``(tensor, module)`` pairs, or the ``stages`` dict of lists); the second is detached."""
+    if isinstance(first, dict):
+        return {j: cat_taps(first[j], second[j]) for j in first}
+    out = []
+    for a, b in zip(first, second, strict=True):
+        if isinstance(a, tuple):
+            out.append((torch.cat([a[0], b[0].detach()]), *a[1:]))
+        else:
+            out.append(torch.cat([a, b.detach()]))
+    return out
+
+
+@contextlib.contextmanager
+def no_grad_params(params: list[nn.Parameter]) -> Iterator[None]:
+    """Context: ``params`` do not require gradients inside (restored afterwards), so a forward
+    is differentiable in its inputs without building weight gradients."""
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

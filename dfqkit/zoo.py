@@ -32,6 +32,7 @@ from dfqkit.data.mnist5k import mnist5k
 from dfqkit.models.fit_teacher import TrainRecipe, fit_teacher
 from dfqkit.models.mnist_resnet import mnist_resnet
 from dfqkit.models.mnist_vit import mnist_vit
+from dfqkit.models.zoo_cache import trained_weights, weights_path
 
 logger = logging.getLogger(__name__)
 _UMASK = os.umask(0o022)
@@ -114,16 +115,9 @@ def _entry(name: str) -> ZooEntry:
     return ZOO[name]
 
 
-def cache_dir() -> Path:
-    """``$DFQKIT_CACHE/zoo`` if ``DFQKIT_CACHE`` is set, else ``~/.cache/dfqkit/zoo``."""
-    root = os.environ.get("DFQKIT_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "dfqkit"
-    return base / "zoo"
-
-
 def zoo_path(name: str) -> Path:
     """Where the weights of zoo teacher ``name`` are (or will be) cached."""
-    return cache_dir() / f"{_entry(name).name}.safetensors"
+    return weights_path(_entry(name).name)
 
 
 def metrics_path(name: str) -> Path:
@@ -133,13 +127,7 @@ def metrics_path(name: str) -> Path:
 
 def ensure_teacher(name: str) -> Path:
     """The cached weights of ``name``; fails with the command that creates them if missing."""
-    path = zoo_path(name)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"zoo teacher {name!r} is not trained yet (no {path}); create it with: "
-            f"python -m dfqkit.zoo train {name}"
-        )
-    return path
+    return trained_weights(_entry(name).name)
 
 
 def _write_atomic(path: Path, write: Callable[[str], None]) -> None:

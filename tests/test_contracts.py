@@ -29,6 +29,7 @@ MODEL_EXAMPLES = {  # name -> (kwargs, input shape, classes)
     "mobilenet_w1": ({"num_classes": 3, "weights": None}, (1, 3, 224, 224), 3),
     "shufflenet_g1_w1": ({"num_classes": 3, "weights": None}, (1, 3, 224, 224), 3),
     "sqnxt23_w2": ({"num_classes": 3, "weights": None}, (1, 3, 224, 224), 3),
+    "callable_model": ({"target": "torchvision.models:resnet18"}, (1, 3, 32, 32), 1000),
 }
 
 

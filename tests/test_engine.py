@@ -119,10 +119,11 @@ def test_a_loss_reading_the_student_in_the_generator_step():
 def test_perturbed_sample_doubles_the_batch_with_the_sign_gradient_step():
     """HAST: x' = x + eps·sign(∇x L(x)) from an independent computation of L; the student then
     sees [x; x'] with the teacher's logits on both, and the loss is L(x) + L(x')."""
+    from dfqkit.phases import OneStepPerturbation
     from dfqkit.step import Step, SynthBatch
 
     engine, teacher, student, _ = _engine([SoftTargetCE(), KDLoss()])
-    engine.perturbation_eps = 0.05
+    perturb = OneStepPerturbation(0.05)
     torch.manual_seed(1)
     x = torch.randn(6, 1, 8, 8)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -133,7 +134,7 @@ def test_perturbed_sample_doubles_the_batch_with_the_sign_gradient_step():
     with torch.no_grad():
         student(x)
     set_quant_mode(student, "frozen")
-    doubled, both_logits, _ = engine._with_perturbed(batch, t_logits, {}, epoch=0)
+    doubled, both_logits, _ = perturb(engine, batch, t_logits, {}, epoch=0)
     xr = x.clone().requires_grad_(True)
     loss = KDLoss()(Step(batch.replace(images=xr), t_logits, student(xr)))
     (g,) = torch.autograd.grad(loss, xr)

@@ -4,10 +4,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dfqkit import config as cfg
 from dfqkit.export import export_safetensors, load_quantized, main
-from dfqkit.quant import set_quant_mode
-from dfqkit.train import run, train
+from dfqkit.rundir import load_run
+from dfqkit.train import run
 
 TINY = [
     "EPOCHS = 2",
@@ -26,11 +25,8 @@ GENIE = ["SYNTH_IMAGES = 32", "SYNTH_BATCH = 16", "SYNTH_ITERS = 2", "ITERS_PER_
          "RECON_ITERS = 4"]  # fmt: skip
 
 
-def _reference_logits(run_dir, images):
-    cfg.parse([run_dir / "config.gin"])
-    parts = train(output_dir=run_dir, resume=True, inspect=True)
-    student = getattr(parts["student"], "module", parts["student"]).eval()
-    set_quant_mode(student, "frozen")
+def _reference_logits(run_dir, images, which="best"):
+    student = load_run(run_dir, which=which).student_module
     with torch.no_grad():
         return student(images)
 

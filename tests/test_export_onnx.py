@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from dfqkit import config as cfg
 from dfqkit.export_onnx import export_model_onnx
 from dfqkit.quant import act_quantizers, set_quant_mode
 from dfqkit.quant.modules import QuantConv2d, QuantLinear
-from dfqkit.train import run, train
+from dfqkit.rundir import load_run
+from dfqkit.train import run
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -39,10 +39,8 @@ def test_onnx_qdq_export_agrees_with_the_student_on_the_test_split(teacher_env, 
     run_dir = tmp_path / "run"
     recipe, params = CASES[case]
     run([f"recipes/mnist/{recipe}.gin"], params, output_dir=run_dir)
-    cfg.parse([run_dir / "config.gin"])
-    parts = train(output_dir=run_dir, resume=True, inspect=True)
-    student = getattr(parts["student"], "module", parts["student"]).eval()
-    set_quant_mode(student, "frozen")
+    loaded = load_run(run_dir)
+    student = loaded.student_module
     path = export_model_onnx(student, torch.zeros(1, 1, 28, 28), tmp_path / "s.onnx")
     graph = onnx.load(str(path)).graph
     ops = [n.op_type for n in graph.node]
@@ -53,7 +51,7 @@ def test_onnx_qdq_export_agrees_with_the_student_on_the_test_split(teacher_env, 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     agree = total = 0
     max_diff = 0.0
-    for images, _ in parts["data"].loader("test", 256):
+    for images, _ in loaded.data.loader("test", 256):
         with torch.no_grad():
             want = student(images)
         got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])

@@ -23,7 +23,8 @@ from dfqkit.quant import (
     set_quant_mode,
 )
 from dfqkit.quant.search import symmetric_bounds
-from dfqkit.train import load_run, run
+from dfqkit.rundir import load_run
+from dfqkit.train import run
 
 
 def _pair(bits=3, weight_quantizer=AdaRoundWeightQuantizer):
@@ -134,8 +135,7 @@ def test_genie_recipe_reconstructs_every_unit_and_reports_that_result(teacher_en
     assert [h.get("stage") for h in m["history"]] == [None, "reconstructed"]
     assert m["best"]["test_top1"] == m["last"]["test_top1"] == m["history"][-1]["test_top1"]
     assert ckpt.latest_checkpoint(out).name == "epoch-0001-unit-0005"
-    parts = load_run(out)
-    student = parts["student_module"]
+    student = load_run(out).student_module
     w = [mod for mod in student.modules() if isinstance(mod, AdaRoundWeightQuantizer)]
     assert w and not any(q.soft for q in w)
     # first and last layers at 8 bits, second layer's input at 8 bits (Genie's convention)

@@ -213,11 +213,15 @@ def test_final_calibration_refuses_student_steps_before_it(teacher_env, tmp_path
 
 
 def test_cosine_schedule():
-    from dfqkit.train import _cosine
+    from dfqkit.run import Schedule
 
-    assert _cosine(0, 10, 2) == 0.5 and _cosine(1, 10, 2) == 1.0
-    assert _cosine(2, 10, 2) == 1.0 and _cosine(6, 10, 2) == pytest.approx(0.5)
-    assert _cosine(10, 10, 2) == pytest.approx(0.0)
+    s = Schedule(epochs=5, iters_per_epoch=2, batch_size=1, warmup_epochs=0, eval_every=1,
+                 early_stopping_patience=None, lr_milestones=(), lr_gamma=0.1,
+                 generator_lr_schedule="cosine", generator_lr_warmup_iters=2, naive_batches=1,
+                 max_nonfinite_in_a_row=1, checkpoint_keep=1, seed=0)  # fmt: skip
+    assert s.cosine(0) == 0.5 and s.cosine(1) == 1.0
+    assert s.cosine(2) == 1.0 and s.cosine(6) == pytest.approx(0.5)
+    assert s.cosine(10) == pytest.approx(0.0)
 
 
 @pytest.mark.slow

@@ -9,6 +9,8 @@ from dfqkit.data.digits import digits
 from dfqkit.data.eval_data import EvalData, TensorImageDataset
 from dfqkit.data.imagenet_folder import imagenet_folder, timm_data_config, timm_imagenet_folder
 from dfqkit.data.mnist5k import mnist5k
+from dfqkit.data.saved import save_eval_data, saved
+from dfqkit.data.synthetic import synthetic
 
 __all__ = [
     "EvalData",
@@ -17,6 +19,9 @@ __all__ = [
     "digits",
     "imagenet_folder",
     "mnist5k",
+    "save_eval_data",
+    "saved",
+    "synthetic",
     "timm_data_config",
     "timm_imagenet_folder",
 ]

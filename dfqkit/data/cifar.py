@@ -5,11 +5,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import gin
 import numpy as np
 import torch
 
-from dfqkit.data.eval_data import EvalData, TensorImageDataset, scale_and_normalize
+from dfqkit.data.eval_data import EvalData, TensorImageDataset, data_factory, scale_and_normalize
 from dfqkit.data.safe_pickle import safe_load
 from dfqkit.data.stratified_split import parse_holdout, stratified_split
 
@@ -31,6 +30,7 @@ LAYOUTS: dict[int, tuple[str, str, tuple[float, ...], tuple[float, ...]]] = {
 HOLDOUT_SEED = 0
 
 
+@data_factory
 def cifar(*, root: str, num_classes: int = 10, val: str = "test") -> EvalData:
     """The CIFAR-10 or CIFAR-100 test set (10,000 images 32×32), read from ``root``.
 
@@ -103,6 +103,3 @@ def cifar(*, root: str, num_classes: int = 10, val: str = "test") -> EvalData:
         val=val_set,
         test=test_set,
     )
-
-
-gin.register(cifar, module="dfqkit.data")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import gin
 import torch
 
-from dfqkit.data.eval_data import EvalData, TensorImageDataset
+from dfqkit.data.eval_data import EvalData, TensorImageDataset, data_factory
 from dfqkit.data.stratified_split import stratified_split
 
 # Mean and std of all 1,797 images after scaling 0..16 to [0, 1].
@@ -14,6 +13,7 @@ STD = 0.3760
 FRACTIONS = (0.6, 0.2, 0.2)  # train, val, test share of every class
 
 
+@data_factory
 def digits(*, seed: int = 0) -> EvalData:
     """scikit-learn ``load_digits``: 1,797 images 8×8 (values 0..16), 10 classes.
 
@@ -53,6 +53,3 @@ def digits(*, seed: int = 0) -> EvalData:
         test=test,
         train=train,
     )
-
-
-gin.register(digits, module="dfqkit.data")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import gin
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -55,6 +59,23 @@ class TensorImageDataset(Dataset):
         )
 
 
+def data_factory(fn: Callable[..., EvalData]) -> Callable[..., EvalData]:
+    """Decorator: register ``fn`` with gin as ``@data.<name>()``; the :class:`EvalData` it
+    returns remembers the call (``source``)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def build(*args: Any, **kwargs: Any) -> EvalData:
+        data = fn(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        data.source = (fn.__name__, dict(bound.arguments))
+        return data
+
+    gin.register(build, module="dfqkit.data")
+    return build
+
+
 def scale_and_normalize(
     image: torch.Tensor, *, max_value: float, mean: torch.Tensor, std: torch.Tensor
 ) -> torch.Tensor:
@@ -77,6 +98,9 @@ class EvalData:
         test: test split (reported accuracy).
         train: training split, ``None`` when there is none (DFQ never reads it).
         num_workers: default DataLoader workers (0 for in-memory sets).
+        source: ``(factory, arguments)`` of the registered factory that made it
+            (:func:`data_factory`), so a run can record how to load it again; ``None`` for a
+            set built by hand.
 
     Every split yields ``(image, label)`` with ``image`` a normalized float32 ``(c, h, w)``.
     """
@@ -91,6 +115,7 @@ class EvalData:
     test: Dataset
     train: Dataset | None = None
     num_workers: int = 0
+    source: tuple[str, dict[str, Any]] | None = None
 
     def split(self, split: str) -> Dataset:
         """The dataset of ``split`` (one of ``"train"``, ``"val"``, ``"test"``)."""

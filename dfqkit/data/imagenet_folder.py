@@ -6,14 +6,13 @@ import math
 import os
 from pathlib import Path
 
-import gin
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 
-from dfqkit.data.eval_data import EvalData
+from dfqkit.data.eval_data import EvalData, data_factory
 from dfqkit.data.stratified_split import parse_holdout, stratified_split
 
 EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -66,6 +65,7 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, samples
 
 
+@data_factory
 def imagenet_folder(
     *,
     root: str,
@@ -139,9 +139,6 @@ def imagenet_folder(
     )
 
 
-gin.register(imagenet_folder, module="dfqkit.data")
-
-
 def timm_data_config(model: str) -> dict:
     """Input size, crop ratio, interpolation, mean and std of a timm model, by name (offline:
     read from timm's registry of pretrained configurations, no download)."""
@@ -163,6 +160,7 @@ def timm_data_config(model: str) -> dict:
     }
 
 
+@data_factory
 def timm_imagenet_folder(*, root: str, model: str, val: str = "test") -> EvalData:
     """:func:`imagenet_folder` with the transform of a timm model's own data configuration
     (input size, ``resize = size / crop_pct``, interpolation, mean, std), e.g. DeiT:
@@ -174,6 +172,3 @@ def timm_imagenet_folder(*, root: str, model: str, val: str = "test") -> EvalDat
         val: as in :func:`imagenet_folder`.
     """
     return imagenet_folder(root=root, val=val, **timm_data_config(model))
-
-
-gin.register(timm_imagenet_folder, module="dfqkit.data")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import functools
 
-import gin
 import numpy as np
 import torch
 
-from dfqkit.data.eval_data import EvalData, TensorImageDataset
+from dfqkit.data.eval_data import EvalData, TensorImageDataset, data_factory
 from dfqkit.data.stratified_split import stratified_split
 
 MEAN = 0.1307
@@ -36,6 +35,7 @@ def load_mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return x, np.asarray(y, dtype=np.int64)
 
 
+@data_factory
 def mnist5k(*, seed: int = 0) -> EvalData:
     """The offline testbed: 5,000 real MNIST digits, 500 per class, 28×28, one channel.
 
@@ -67,6 +67,3 @@ def mnist5k(*, seed: int = 0) -> EvalData:
         test=test,
         train=train,
     )
-
-
-gin.register(mnist5k, module="dfqkit.data")

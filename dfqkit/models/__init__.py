@@ -5,6 +5,7 @@ Importing this package registers every model factory under ``dfqkit.models`` (gi
 ``@models.mnist_resnet()``).
 """
 
+from dfqkit.models.architecture import Architecture, callable_model, find_architecture
 from dfqkit.models.cifar_resnet20 import cifar_resnet20
 from dfqkit.models.mnist_resnet import mnist_resnet
 from dfqkit.models.mnist_vit import mnist_vit
@@ -14,7 +15,10 @@ from dfqkit.models.torchvision_model import torchvision_model
 from dfqkit.models.weights import load_weights, read_state_dict
 
 __all__ = [
+    "Architecture",
+    "callable_model",
     "cifar_resnet20",
+    "find_architecture",
     "load_weights",
     "mnist_resnet",
     "mnist_vit",

@@ -6,6 +6,7 @@ from torch import nn
 
 from dfqkit.models.cifar_resnet import CIFARResNet
 from dfqkit.models.weights import load_weights
+from dfqkit.models.zoo_cache import trained_weights
 from dfqkit.registry import register
 
 ZOO_NAME = "mnist_resnet8"
@@ -66,9 +67,7 @@ def mnist_resnet(
                 f"num_classes={num_classes}, in_channels={in_channels}, width={width}; "
                 "pass weights=None (random init) or a checkpoint path"
             )
-        from dfqkit.zoo import ensure_teacher  # the zoo imports the models: import late
-
-        weights = str(ensure_teacher(ZOO_NAME))
+        weights = str(trained_weights(ZOO_NAME))
     if weights is not None:
         load_weights(model, weights)
     return model.eval()

@@ -6,6 +6,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from dfqkit.models.weights import load_weights
+from dfqkit.models.zoo_cache import trained_weights
 from dfqkit.registry import register
 
 ZOO_NAME = "mnist_vit"
@@ -76,9 +77,7 @@ def mnist_vit(
                 f"weights='zoo' holds {ZOO_NAME} ({ZOO_ARCH}), not {arch}; pass weights=None "
                 "(random init) or a checkpoint path"
             )
-        from dfqkit.zoo import ensure_teacher  # the zoo imports the models: import late
-
-        weights = str(ensure_teacher(ZOO_NAME))
+        weights = str(trained_weights(ZOO_NAME))
     if weights is not None:
         load_weights(model, weights)
     return model.eval()

@@ -96,14 +96,14 @@ def test_observes_like_ema_then_learns_its_bounds():
 def test_trainer_gives_clip_bounds_their_own_parameter_group():
     from functools import partial
 
+    from dfqkit.build import student_optimizer_groups
     from dfqkit.models.mnist_resnet import mnist_resnet
-    from dfqkit.train import _student_optimizer
 
     model = mnist_resnet(depth=8, weights=None)
     cfg = QuantConfig(w_bits=4, a_bits=4, act_quantizer=partial(LearnableClipActQuantizer, lr=0.01))
     student = quantize_(model, cfg, torch.randn(2, 1, 28, 28))
     set_quant_mode(student, "observe")
-    opt = _student_optimizer(partial(torch.optim.SGD, lr=1e-4, weight_decay=1e-4), student)
+    opt = student_optimizer_groups(partial(torch.optim.SGD, lr=1e-4, weight_decay=1e-4), student)
     main, clips = opt.param_groups
     assert clips["lr"] == pytest.approx(0.01) and clips["weight_decay"] == 0.0
     assert main["lr"] == pytest.approx(1e-4) and main["weight_decay"] == 1e-4
