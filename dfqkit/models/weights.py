@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfqkit.models.order_keys import map_by_order
+
 logger = logging.getLogger(__name__)
 
 # Keys under which training scripts commonly nest the weights, tried in this order.
@@ -20,6 +22,7 @@ NESTING_KEYS: tuple[str, ...] = ("state_dict", "model_state_dict", "model", "net
 # Prefixes added by DistributedDataParallel / DataParallel and torch.compile.
 WRAPPER_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 SHOWN = 5  # keys listed per kind of mismatch in an error
+KEY_MAPS: tuple[str, ...] = ("name", "order")  # how checkpoint keys meet the model's
 
 
 def safe_torch_load(path: str | os.PathLike[str], *, what: str = "file", hint: str = "") -> Any:
@@ -112,6 +115,7 @@ def load_weights(
     *,
     strict: bool = True,
     adapt: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+    key_map: str = "name",
 ) -> nn.Module:
     """Load the checkpoint at ``path`` into ``model`` (in place) and return ``model``.
 
@@ -124,18 +128,36 @@ def load_weights(
         adapt: ``adapt(model, state) -> state``, applied before matching: renames keys of
             another code base's layout (pycls RegNets) or drops heads the model was built
             without (Inception's auxiliary classifier).
+        key_map: ``"name"`` matches keys by name; ``"order"`` first pairs the checkpoint's
+            tensors with the model's ``state_dict()`` by position, checking counts, shapes and
+            names (:func:`dfqkit.models.order_keys.map_by_order`; ``num_batches_tracked`` keeps
+            the model's value), for files of another code base saved in the same order. Not
+            for ``.safetensors`` files, which do not keep the order.
 
     A checkpoint without per-module version metadata (every ``.safetensors`` file) is loaded
     as the model's current version, which modules such as torchvision's ``MNASNet`` require.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the checkpoint does not fit the model (a few offending keys are listed).
+        ValueError: the checkpoint does not fit the model (a few offending keys are listed);
+            ``key_map`` is unknown, or ``"order"`` with a ``.safetensors`` file.
     """
+    if key_map not in KEY_MAPS:
+        raise ValueError(f"key_map={key_map!r} is not one of {KEY_MAPS}")
+    if key_map == "order" and Path(path).suffix == ".safetensors":
+        raise ValueError(
+            f"key_map='order' with {str(path)!r}: a .safetensors file sorts its tensors by dtype "
+            "and name, so their saving order is lost; pass the torch.save file instead"
+        )
     state = read_state_dict(path)
     expected = model.state_dict()
     # the checkpoint's module versions; the model's own when it has none or keys were renamed
     metadata = getattr(state, "_metadata", None)
+    if key_map == "order":  # the versions name the other code base's modules
+        try:
+            state, metadata = map_by_order(model, state), None
+        except ValueError as err:
+            raise ValueError(f"checkpoint {str(path)!r}: {err}") from err
     if adapt is not None:
         adapted = adapt(model, state)
         if not adapted.keys() <= state.keys():  # renamed: the versions name other modules
