@@ -368,8 +368,8 @@ def calibration(
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dfqkit.bench", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.bench") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     acc = sub.add_parser("accuracy", help="run recipes × seeds and tabulate test top-1")
     acc.add_argument("--gin", nargs="+", required=True, help="recipes")
@@ -411,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 params=args.gin_param,
             )
         except cfg.ConfigError as err:
-            print(f"dfqkit.bench: error: {cfg.one_line(err)}", file=sys.stderr)
+            print(f"{prog}: error: {cfg.one_line(err)}", file=sys.stderr)
             return 2
         print(f"teacher {res['teacher']:.2f}")
         for name, row in res["sources"].items():
@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             reference=args.reference,
         )
     except cfg.ConfigError as err:
-        print(f"dfqkit.bench: error: {cfg.one_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {cfg.one_line(err)}", file=sys.stderr)
         return 2
     steps = (
         f"generator step {res['ms_generator_step']:.1f} ms, student step "

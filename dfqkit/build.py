@@ -165,8 +165,6 @@ def build_run(
         deterministic=deterministic,
         reconstruction=reconstruction,
     )
-    calibration_part = Calibration(calibration, epochs=calib_epochs, total_epochs=epochs)
-    mixer = NoMixer() if mixer is None else mixer
     out = Path(output_dir)
     log_with = resolve_trackers(trackers) if for_training else []
     acc = _accelerator(out, mixed_precision, log_with)
@@ -176,43 +174,16 @@ def build_run(
             "dfqkit",
             config={"recipe": recipe, "seed": seed, "epochs": epochs, "batch_size": batch_size},
         )
-    device = acc.device
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    generator, mixer = generator.to(device), mixer.to(device)
-    check_setup(
-        teacher=teacher,
-        data=data,
-        generator=generator,
-        mixer=mixer,
-        losses=losses,
-        batch_size=batch_size,
-        device=device,
-        trains_student=schedule.trains_student,
+    mixer = NoMixer() if mixer is None else mixer
+    teacher, student, generator, mixer, example = _models(
+        acc, teacher, data, generator, mixer, losses, quant, schedule
     )
-    example = noise_batch(data, 2, device)
-    for part in (generator, mixer):  # teacher-dependent parts are built before the optimizers
-        if hasattr(part, "bind"):
-            part.bind(teacher=teacher, generator=generator, example=example)
-    student = quantize_(copy.deepcopy(teacher), quant, example).requires_grad_(True).eval()
     stage = None
     if reconstruction is not None:
         stage = ReconstructionStage(reconstruction, teacher, student, example)
-    if acc.num_processes > 1 and generator.trainable:
-        _freeze_unused(generator, mixer, device)
-    gen_params = [p for m in (generator, mixer) for p in m.parameters() if p.requires_grad]
-    gen_opt = generator_optimizer(gen_params) if gen_params and generator.trainable else None
-    student_opt = student_optimizer_groups(student_optimizer, student)
-    state = ckpt.TrainState()
-    if gen_opt is not None:
-        generator, gen_opt = acc.prepare(generator, gen_opt)
-    else:
-        acc.register_for_checkpointing(generator)
-    if any(True for _ in mixer.parameters()):
-        # not DDP-wrapped: parts of a mixer train from losses outside its forward (the level
-        # classifiers) or only in some epochs; the engine all-reduces its gradients instead
-        acc.register_for_checkpointing(mixer)
-    student, student_opt = acc.prepare(student, student_opt)
-    acc.register_for_checkpointing(state)
+    gen_opt, student_opt, generator, student, state = _optimizers(
+        acc, generator, mixer, student, generator_optimizer, student_optimizer
+    )
     engine = Engine(
         accelerator=acc,
         teacher=teacher,
@@ -241,12 +212,58 @@ def build_run(
         engine=engine,
         generator_optimizer=gen_opt,
         student_optimizer=student_opt,
-        calibration=calibration_part,
+        calibration=Calibration(calibration, epochs=calib_epochs, total_epochs=epochs),
         reconstruction=stage,
         state=state,
         trackers=log_with,
         example=example,
     )
+
+
+def _models(acc, teacher, data, generator, mixer, losses, quant, schedule: Schedule):
+    """The teacher, generator and mixer on the device, checked against each other; the mixer's
+    teacher-dependent parts bound; the student quantized from a copy of the teacher."""
+    device = acc.device
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    generator, mixer = generator.to(device), mixer.to(device)
+    check_setup(
+        teacher=teacher,
+        data=data,
+        generator=generator,
+        mixer=mixer,
+        losses=losses,
+        batch_size=schedule.batch_size,
+        device=device,
+        trains_student=schedule.trains_student,
+    )
+    example = noise_batch(data, 2, device)
+    for part in (generator, mixer):  # teacher-dependent parts are built before the optimizers
+        if hasattr(part, "bind"):
+            part.bind(teacher=teacher, generator=generator, example=example)
+    student = quantize_(copy.deepcopy(teacher), quant, example).requires_grad_(True).eval()
+    return teacher, student, generator, mixer, example
+
+
+def _optimizers(acc, generator, mixer, student, generator_optimizer, student_optimizer):
+    """Both optimizers, the parts prepared by Accelerate, and the loop state registered for
+    checkpointing."""
+    if acc.num_processes > 1 and generator.trainable:
+        _freeze_unused(generator, mixer, acc.device)
+    gen_params = [p for m in (generator, mixer) for p in m.parameters() if p.requires_grad]
+    gen_opt = generator_optimizer(gen_params) if gen_params and generator.trainable else None
+    student_opt = student_optimizer_groups(student_optimizer, student)
+    state = ckpt.TrainState()
+    if gen_opt is not None:
+        generator, gen_opt = acc.prepare(generator, gen_opt)
+    else:
+        acc.register_for_checkpointing(generator)
+    if any(True for _ in mixer.parameters()):
+        # not DDP-wrapped: parts of a mixer train from losses outside its forward (the level
+        # classifiers) or only in some epochs; the engine all-reduces its gradients instead
+        acc.register_for_checkpointing(mixer)
+    student, student_opt = acc.prepare(student, student_opt)
+    acc.register_for_checkpointing(state)
+    return gen_opt, student_opt, generator, student, state
 
 
 def _check_settings(

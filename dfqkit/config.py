@@ -130,6 +130,7 @@ def parse(
     gin_params: Sequence[str] = (),
     *,
     finalize: bool = True,
+    allow_required: bool = False,
 ) -> list[Path]:
     """Parse gin files and ``KEY = VALUE`` bindings; fail early and briefly on any problem.
 
@@ -145,8 +146,10 @@ def parse(
     register_configurables()
     gin.clear_config()  # each parse starts from an empty, unlocked config (one run per parse)
     files = [resolve_gin_file(f) for f in gin_files]
-    # gin looks for included files in this order; the same as resolve_gin_file and flatten
-    gin_config._LOCATION_PREFIXES[:] = ["", *(str(p) for p in search_paths())]
+    # gin looks for included files in this order, the same as resolve_gin_file and flatten.
+    # No '' prefix: gin would also try a relative path as a resource of an importable package,
+    # and crash on a namespace package (`recipes/` when the source tree is on sys.path).
+    gin_config._LOCATION_PREFIXES[:] = [str(p) for p in search_paths()]
     try:
         with _quiet_file_lookups():
             gin.parse_config_files_and_bindings(
@@ -155,7 +158,7 @@ def parse(
     except (ValueError, KeyError, TypeError, SyntaxError, OSError) as err:
         raise ConfigError(f"bad config: {_short(err)}") from err
     missing = required_macros()
-    if missing:
+    if missing and not allow_required:
         hints = " ".join(f"--gin_param \"{m} = '...'\"" for m in missing)
         raise ConfigError(f"required macro(s) not set: {', '.join(missing)}; pass {hints}")
     if finalize:

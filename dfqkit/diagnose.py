@@ -162,8 +162,8 @@ def _plot(results: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dfqkit.diagnose", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.diagnose") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--run", action="append", required=True, help="a run directory")
     parser.add_argument("--batches", type=int, default=8, help="synthesized batches per run")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default 64)")
@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (cfg.ConfigError, ValueError, FileNotFoundError) as err:
         if args.debug:
             raise
-        print(f"dfqkit.diagnose: error: {cfg.one_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {cfg.one_line(err)}", file=sys.stderr)
         return 2
     rows = []
     for res in results:

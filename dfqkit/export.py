@@ -168,8 +168,8 @@ def load_quantized(path: str | Path) -> nn.Module:
     return student.eval()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dfqkit.export", description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.export") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, type=Path, help="a run directory")
     parser.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
     parser.add_argument("--out", type=Path, default=None, help="output file")
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as err:
         if args.debug:
             raise
-        print(f"dfqkit.export: error: {cfg.one_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {cfg.one_line(err)}", file=sys.stderr)
         return 2
     held = recorded_model(args.run, out)
     print(f"exported {out}" + (f" ({held})" if held else ""))

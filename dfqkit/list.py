@@ -1,4 +1,5 @@
-"""``python -m dfqkit.list [KIND] [--markdown]``: every registered component, one line each.
+"""``python -m dfqkit.list [recipes | KIND] [--markdown]``: every recipe with its title, or every
+registered component, one line each.
 
 ``--markdown`` prints ``docs/components.md`` (a test keeps that file equal to this output):
 
@@ -8,10 +9,13 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from collections.abc import Sequence
 
-from dfqkit.registry import KINDS, RegistryError, list_components
+from dfqkit.errors import RegistryError
+from dfqkit.recipes import list_recipes
+from dfqkit.registry import KINDS, list_components
 
 
 def format_components(kind: str | None = None) -> str:
@@ -27,10 +31,6 @@ def format_components(kind: str | None = None) -> str:
 
 def components_markdown() -> str:
     """The text of ``docs/components.md``, generated from the registries."""
-    import inspect
-
-    from dfqkit.registry import KINDS
-
     out = [
         "# Components",
         "",
@@ -58,18 +58,28 @@ def components_markdown() -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dfqkit.list", description=__doc__.split("\n")[0])
-    parser.add_argument("kind", nargs="?", default=None, help=f"one of {', '.join(KINDS)}")
+def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.list") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "kind",
+        nargs="?",
+        default=None,
+        help=f"'recipes', or a component kind: {', '.join(KINDS)} (default: every component)",
+    )
     parser.add_argument("--markdown", action="store_true", help="print docs/components.md")
     args = parser.parse_args(argv)
     if args.markdown:
         sys.stdout.write(components_markdown())
         return 0
+    if args.kind == "recipes":
+        found = list_recipes()
+        width = max(len(path) for path, _ in found)
+        sys.stdout.write("".join(f"{path:<{width}}  {text}\n" for path, text in found))
+        return 0
     try:
         sys.stdout.write(format_components(args.kind))
     except RegistryError as err:
-        print(f"dfqkit.list: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

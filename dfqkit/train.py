@@ -21,6 +21,7 @@ import copy
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from dfqkit.engine import Phase
 from dfqkit.errors import ConfigError, NonFiniteLossError, SetupError
 from dfqkit.evaluate import evaluate
 from dfqkit.phases import noise_batch
+from dfqkit.recipes import describe as describe_recipe
 from dfqkit.quant import quantize_, set_quant_mode, sync_quantizers
 from dfqkit.report import log_media, save_samples, summarize
 from dfqkit.run import Run
@@ -81,8 +83,8 @@ def start_run(
     opened = rundir.open_run(
         gin_files, gin_params, output_dir=output_dir, resume=resume, recipe=recipe
     )
-    if opened.note:
-        logger.warning(opened.note, main_process_only=True)
+    if opened.note and int(os.environ.get("RANK", "0")) == 0:  # before Accelerate exists
+        logging.getLogger(__name__).warning(opened.note)
     try:
         built = rundir.build(opened)
         return built, prepare(built, resume=opened.resume)
@@ -346,6 +348,16 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.train") -> in
         "config.gin",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        known, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+        parser.print_help()
+        for recipe in known.gin:  # what the recipe lets you set
+            try:
+                print("\n" + describe_recipe(recipe), end="")
+            except ConfigError as err:
+                print(f"\n{recipe}: {cfg.one_line(err)}")
+        return 0
     args = parser.parse_args(argv)
     if not args.gin and not args.resume:
         parser.error("--gin RECIPE is required (or --resume --output_dir RUN)")

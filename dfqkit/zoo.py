@@ -183,11 +183,9 @@ def train_teacher(
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = "python -m dfqkit.zoo") -> int:
     """``python -m dfqkit.zoo {list,train,path}``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m dfqkit.zoo", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list the zoo's teachers and whether they are cached")
     train = commands.add_parser("train", help="train a teacher and cache it")

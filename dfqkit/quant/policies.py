@@ -16,6 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from dfqkit.quant.act_base import ActQuantizer
+from dfqkit.quant.attention import is_attention, quantize_attention_
 from dfqkit.quant.dry_run import DryRun, is_relu_call
 from dfqkit.quant.fx_rewrite import insert_after, trace
 from dfqkit.quant.modules import QuantConv2d, QuantLinear
@@ -150,8 +151,6 @@ def vit(model: nn.Module, config: QuantConfig, run: DryRun) -> nn.Module:
     A ViT with ``L`` blocks gets ``9·L + 1`` activation quantizers (4 linear inputs and 5
     attention operands per block, plus the head's input).
     """
-    from dfqkit.quant.attention import is_attention, quantize_attention_
-
     first = run.layer_order[0] if run.layer_order else None
     last = run.layer_order[-1] if run.layer_order else None
     attentions = [m for m in model.modules() if is_attention(m)]
