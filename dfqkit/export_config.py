@@ -107,6 +107,9 @@ def student_config(operative_config: str, roots: tuple[tuple[str, str], ...] = R
     Raises:
         ValueError: A root binding is missing from ``operative_config``.
     """
+    from dfqkit import config as cfg
+
+    cfg._register_configurables()  # so the kept configurables' modules can be looked up
     statements = list(config_parser.ConfigParser(operative_config, _Delegate()))
     bindings = [s for s in statements if isinstance(s, config_parser.BindingStatement)]
     kept: dict[int, config_parser.BindingStatement] = {}

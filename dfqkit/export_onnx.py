@@ -5,17 +5,24 @@
 The file holds, for every quantized conv/linear layer, its weight as an **integer initializer**
 ``<layer>.weight_quant.codes`` with a per-output-channel ``scale`` and ``zero_point`` feeding
 ``DequantizeLinear`` (``axis = 0``), and for every activation quantizer a
-``[Clip →] QuantizeLinear → DequantizeLinear`` pair with constant scale and zero point
+``QuantizeLinear → [Clip →] DequantizeLinear`` pair with constant scale and zero point
 (:mod:`dfqkit.quant.onnx_qdq`): nothing is computed from a range at run time. k-bit codes
-travel in int8 containers (4-bit codes too: ONNX's int4 has no onnxruntime kernels for most
+travel in 8-bit containers (4-bit codes too: ONNX's int4 has no onnxruntime kernels for most
 ops), int16 where a grid needs it (more than 8 bits, or an 8-bit grid that excludes 0;
-opset 21), and int32 for a weight grid no QuantizeLinear container holds
-(:mod:`dfqkit.quant.codes`). A batch norm that directly follows a quantized convolution is
-folded into the weight's per-channel scale (:mod:`dfqkit.export_onnx_graph`).
+opset 21); a weight grid that no container holds (a channel whose weights are all equal) is
+stored as its exact fp32 values, with a warning (:mod:`dfqkit.quant.codes`). A batch norm that
+directly follows a quantized convolution is folded into the weight's per-channel scale and a
+float bias (:mod:`dfqkit.export_onnx_graph`).
 
-onnxruntime reproduces the fake-quantized student up to float rounding: it divides by the
-scale where dfqkit multiplies by its reciprocal, so a value exactly between two codes can round
-either way, and a folded batch norm is applied in a different order.
+The graph computes the fake-quantized student up to float rounding: ``QuantizeLinear`` divides
+by the scale where dfqkit multiplies by its reciprocal, so a value within rounding of a tie
+between two codes can land on either, and a folded batch norm rounds differently. onnxruntime
+runs exactly that with ``session.disable_quant_qdq = 1``. Its default session instead rewrites
+``DequantizeLinear → Conv → QuantizeLinear`` into integer ``QLinearConv`` kernels and, for
+them, quantizes each float bias to int32 at ``s_x · s_w`` (and ``DequantizeLinear → MatMul``
+into ``MatMulNBits``): the usual int8 deployment, which moves a convolution's output by up to
+``s_x · s_w / 2`` and so flips codes near a rounding boundary (negligible at 8 bits, visible at
+3-4 bits: docs/results.md).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from dfqkit.quant.functional import _ONNX_EXPORT
 from dfqkit.quant.modules import QuantConv2d, QuantLinear
 from dfqkit.quant.onnx_qdq import INT16_OPSET, weight_dq
 
-#: opset of a file whose containers are all int8 (or int32 weights)
+#: opset of a file whose containers are all 8-bit
 OPSET = 17
 #: the newest opset PyTorch's TorchScript exporter writes; an int16 file is raised to 21 after
 _TORCHSCRIPT_MAX_OPSET = 20
@@ -44,12 +51,16 @@ class ExportedWeight(nn.Module):
     ``DequantizeLinear`` of its codes (buffers, so they become named integer initializers).
 
     Args:
-        codes: Stored values ``y = q + z + zp`` in the container type, shape of the weight.
+        codes: Stored values ``y = q + z + zp`` in the container type, shape of the weight; or
+            the dequantized fp32 weight itself when ``scale`` is None (a grid that no integer
+            container holds).
         scale: fp32, ``(c_out,)`` per channel or ``()`` per tensor.
         zero_point: ``zp`` in the container type, shape of ``scale``.
     """
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor):
+    def __init__(
+        self, codes: torch.Tensor, scale: torch.Tensor | None, zero_point: torch.Tensor | None
+    ) -> None:
         super().__init__()
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale)
@@ -63,14 +74,21 @@ class ExportedWeight(nn.Module):
         per_channel = scale.dim() > 0
         scale = scale.detach().float().reshape(-1 if per_channel else ())
         z = z.detach().float().reshape(-1 if per_channel else ())
-        grid = onnx_grid(scale, z - 2 ** (bits - 1), bits, what=f"{name}.weight", constant=True)
         shape = [-1] + [1] * (q.dim() - 1) if per_channel else []
+        try:
+            grid = onnx_grid(scale, z - 2 ** (bits - 1), bits, what=f"{name}.weight", weight=True)
+        except ValueError as err:  # exact, but not integer: say so
+            warnings.warn(f"{err}; exported as its dequantized fp32 values", stacklevel=2)
+            n = q.detach().float() + z.reshape(shape)
+            return cls((n * scale.reshape(shape)).contiguous(), None, None)
         n = q.detach().double() + z.double().reshape(shape)
         codes = (n + grid.zero_point.double().reshape(shape)).to(grid.dtype)
         return cls(codes.contiguous(), grid.scale, grid.zero_point.to(grid.dtype))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         """The dequantized weight (``w``, the float weight, is not used)."""
+        if self.scale is None:
+            return self.codes
         return weight_dq(self.codes, self.scale, self.zero_point)
 
 
@@ -81,7 +99,13 @@ def _needs_int16(model: nn.Module, weights: dict[str, ExportedWeight]) -> bool:
     for name, module in model.named_modules():
         if isinstance(module, ActQuantizer):
             scale, n_lo = module.export_grid()
-            dtypes.add(onnx_grid(scale, n_lo, module.bits, what=name, constant=False).dtype)
+            try:
+                dtypes.add(onnx_grid(scale, n_lo, module.bits, what=name, weight=False).dtype)
+            except ValueError as err:
+                raise ValueError(
+                    f"{err}; refusing to export it inexactly (an activation grid must lie within "
+                    "2^16 steps of 0, so at 16 bits it must contain 0)"
+                ) from None
     return torch.int16 in dtypes
 
 

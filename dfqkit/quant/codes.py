@@ -14,9 +14,9 @@ contains 0.
   container (int8, else int16) and a zero point in it; Eq. 14's own ``zp = −z`` when it fits,
   so that ``y = q``. An 8-bit grid fills int8 completely, so it fits only with ``zp = −z`` and
   only when 0 is on the grid; a grid that excludes 0 (a range ``[0.2, 10]`` at 8 bits, a weight
-  channel of one sign) needs int16. A weight whose grid fits neither is stored as int32 with
-  zero point 0 (``DequantizeLinear`` reads int32; only constants can use it). Nothing is
-  clamped or wrapped: an activation grid that no container holds raises.
+  channel of one sign) needs int16. Nothing is clamped or wrapped: a grid that no container
+  holds raises (the ONNX export then refuses an activation and stores a weight as its exact
+  dequantized float values, with a warning).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class OnnxGrid:
     """A k-bit grid ``s · [n_lo, n_lo + 2^k − 1]`` as ONNX ``DequantizeLinear`` holds it.
 
     Attributes:
-        dtype: Container, ``torch.int8``, ``torch.int16`` or (constants only) ``torch.int32``.
+        dtype: Container, ``torch.uint8``, ``torch.int8`` or ``torch.int16``.
         scale: fp32 ``s``, ``()`` or ``(c,)``.
         zero_point: ``zp`` (int64 values), shape of ``scale``; ``n = y − zp``.
         low: Lowest container value of the grid, ``n_lo + zp``.
@@ -95,7 +95,7 @@ class OnnxGrid:
     full: bool
 
 
-def onnx_grid(scale: Tensor, n_lo: Tensor, bits: int, *, what: str, constant: bool) -> OnnxGrid:
+def onnx_grid(scale: Tensor, n_lo: Tensor, bits: int, *, what: str, weight: bool) -> OnnxGrid:
     """Place a k-bit grid in the narrowest ONNX integer container that holds it exactly.
 
     Args:
@@ -103,21 +103,21 @@ def onnx_grid(scale: Tensor, n_lo: Tensor, bits: int, *, what: str, constant: bo
         n_lo: Lowest grid index (integer-valued), shape of ``scale``.
         bits: ``k``.
         what: The tensor's name, for the error message.
-        constant: The tensor is a constant (a weight stored as codes): it may also use an
-            int32 container with zero point 0 (``y = n``; ``DequantizeLinear`` reads int32,
-            ``QuantizeLinear`` cannot produce it), which holds every grid.
+        weight: Try the weight containers (int8 first) instead of the activation ones
+            (uint8 first).
 
     Returns:
         The container, zero point and code window (see :class:`OnnxGrid`).
 
     Raises:
-        ValueError: No container holds the grid and a zero point (an activation whose 16-bit
-            grid excludes 0, or whose range is so narrow and far from 0 that ``|n| > 2^15``).
+        ValueError: No container holds the grid and a zero point: a 16-bit grid that excludes
+            0, or a range so narrow and far from 0 that ``|n| > 2^15`` (a weight channel whose
+            values are all equal has the range ``1e-8`` of Eq. 14's floor).
     """
     n_lo = n_lo.detach().double().round().long()
     n_hi = n_lo + (2**bits - 1)
     natural = -(n_lo + 2 ** (bits - 1))  # Eq. 14's zp = −z: then the stored value is q
-    for dtype, cmin, cmax in WEIGHT_CONTAINERS if constant else ACT_CONTAINERS:
+    for dtype, cmin, cmax in WEIGHT_CONTAINERS if weight else ACT_CONTAINERS:
         if 2**bits > cmax - cmin + 1:
             continue
         zp_min = torch.clamp(cmin - n_lo, min=cmin)  # y = n + zp ≥ cmin and zp ≥ cmin
@@ -127,14 +127,11 @@ def onnx_grid(scale: Tensor, n_lo: Tensor, bits: int, *, what: str, constant: bo
             zp = torch.minimum(torch.maximum(natural, zp_min), zp_max)
             full = 2**bits == cmax - cmin + 1  # the window is the container: QuantizeLinear clamps
             return OnnxGrid(dtype, scale.detach().float(), zp, n_lo + zp, n_hi + zp, full)
-    if constant and bool(n_lo.abs().max() < 2**31 - 2**16):
-        zp = torch.zeros_like(n_lo)
-        return OnnxGrid(torch.int32, scale.detach().float(), zp, n_lo, n_hi, False)
     bad = (~fits).flatten().nonzero()[0].item() if fits.dim() else 0
     lo_i, hi_i = n_lo.flatten()[bad].item(), n_hi.flatten()[bad].item()
     where = f" (channel {bad})" if n_lo.dim() else ""
     raise ValueError(
-        f"{what}{where}: its {bits}-bit grid s·[{lo_i}, {hi_i}] does not contain 0 closely "
-        "enough for an ONNX QuantizeLinear container (int8, int16) to hold both its codes and "
-        "a zero point; refusing to export it inexactly"
+        f"{what}{where}: its {bits}-bit grid s·[{lo_i}, {hi_i}] lies too far from 0 for an ONNX "
+        "QuantizeLinear/DequantizeLinear container (int8, int16) to hold both its codes and a "
+        "zero point"
     )

@@ -83,7 +83,7 @@ def act_qdq(
         torch.as_tensor(n_lo).detach().reshape(()),
         bits,
         what=what,
-        constant=False,
+        weight=False,
     )
     return _ActQDQ.apply(
         x,
