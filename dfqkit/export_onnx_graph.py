@@ -30,7 +30,9 @@ from onnx import numpy_helper
 
 #: ops whose semantics (not only their type lists) changed between opset 17 and 21
 _CHANGED_BY_OPSET_21 = frozenset({"GroupNormalization"})
-_INT_RANGES = {np.dtype(t): (np.iinfo(t).min, np.iinfo(t).max) for t in (np.int8, np.int16)}
+_INT_RANGES = {
+    np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max)) for t in (np.uint8, np.int8, np.int16)
+}
 
 
 def _attr(node: onnx.NodeProto, name: str, default: float | int | None) -> float | int | None:
@@ -97,6 +99,8 @@ def fold_batch_norms(model: onnx.ModelProto) -> int:
             continue
         arrays = {name: numpy_helper.to_array(inits[src]) for name, src in sources.items()}
         codes, scale, zp = (arrays[n] for n in dq.input)
+        if codes.dtype not in _INT_RANGES:
+            continue
         gamma, beta, mean, var = (arrays[n].astype(np.float64) for n in bn.input[1:])
         factor = gamma / np.sqrt(var + float(_attr(bn, "epsilon", 1e-5)))
         if scale.ndim > 1 or (scale.ndim == 1 and int(_attr(dq, "axis", 1)) != 0):
@@ -133,20 +137,20 @@ def fold_batch_norms(model: onnx.ModelProto) -> int:
 
 def _flip_channels(codes: np.ndarray, zp: np.ndarray, flip: np.ndarray) -> tuple[np.ndarray, ...]:
     """Negate codes and zero point of the channels in ``flip``: ``(y − zp)`` becomes
-    ``(−y) − (−zp)``, shifted per channel by a constant so both stay in the container (int32
-    containers keep zero point 0, and ``−y`` always fits them)."""
+    ``(−y) − (−zp)``, both shifted per channel by the constant nearest 0 that keeps them in the
+    (int8 or int16) container; one exists, since the negated values span what the originals
+    did."""
     dtype = codes.dtype
     if not flip.any():
         return codes, np.ascontiguousarray(zp)
     wide = codes.astype(np.int64).reshape(codes.shape[0], -1)
     wzp = zp.astype(np.int64).copy()
     wide[flip], wzp[flip] = -wide[flip], -wzp[flip]
-    if np.dtype(dtype) in _INT_RANGES:
-        cmin, cmax = _INT_RANGES[np.dtype(dtype)]
-        both = np.concatenate([wide, wzp[:, None]], axis=1)
-        low, high = cmin - both.min(axis=1), cmax - both.max(axis=1)  # allowed shifts
-        shift = np.clip(0, low, high)  # span(both) = span before ≤ cmax − cmin: never empty
-        wide, wzp = wide + shift[:, None], wzp + shift
+    cmin, cmax = _INT_RANGES[np.dtype(dtype)]
+    both = np.concatenate([wide, wzp[:, None]], axis=1)
+    low, high = cmin - both.min(axis=1), cmax - both.max(axis=1)  # allowed shifts
+    shift = np.clip(0, low, high)  # span(both) = span before ≤ cmax − cmin: never empty
+    wide, wzp = wide + shift[:, None], wzp + shift
     return wide.reshape(codes.shape).astype(dtype), wzp.astype(dtype)
 
 
