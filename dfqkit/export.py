@@ -3,14 +3,16 @@
     python -m dfqkit.export --run DIR [--format safetensors] [--out FILE]
 
 The ``safetensors`` file holds, for every quantized conv/linear layer ``L``:
-``L.weight.codes`` (int8 integer codes ``q``), ``L.weight.scale`` and ``L.weight.zero_point``
-(fp32, per output channel; the weight is ``scale · (q + zero_point)``, Eq. 14; symmetric
-quantizers have zero point 0); every other tensor of the student's state dict as it is (biases,
-BN statistics, and each activation quantizer's ``lo``/``hi`` range with its bit width in the
-metadata). The metadata also carries the run's operative gin configuration, the recipe, the
-input shape and the per-layer bit widths, so :func:`load_quantized` rebuilds the student
-without the run directory, the teacher's checkpoint or the data: its logits equal the
-fake-quantized student's exactly.
+``L.weight.codes`` (the integer codes ``q`` of Eq. 14 in ``[−2^(k−1), 2^(k−1) − 1]``, in an
+int8 container for ``k ≤ 8`` and an int16 one for ``9 ≤ k ≤ 16``), ``L.weight.scale`` and
+``L.weight.zero_point`` (fp32, per output channel; the weight is ``scale · (q + zero_point)``;
+symmetric quantizers have zero point 0); every other tensor of the student's state dict as it
+is (biases, BN statistics, and each activation quantizer's ``lo``/``hi`` range with its bit
+width in the metadata). The metadata also carries the input shape, the per-layer bit widths
+and the part of the run's gin configuration that builds the teacher and the quantization
+(:mod:`dfqkit.export_config`: nothing that only training used), so :func:`load_quantized`
+rebuilds the student without the run directory, the teacher's checkpoint or the data: its
+logits equal the fake-quantized student's exactly.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from torch import nn
 
 from dfqkit import config as cfg
 from dfqkit.errors import ConfigError
+from dfqkit.export_config import student_config
 from dfqkit.export_onnx import export_onnx
 from dfqkit.quant import ActQuantizer, quantize_, set_quant_mode
-from dfqkit.quant.functional import _ONNX_EXPORT, qdq
+from dfqkit.quant.codes import pack_codes, weight_codes
 from dfqkit.quant.modules import QuantConv2d, QuantLinear
 from dfqkit.rundir import load_run, record_model, recorded_model
 
@@ -50,8 +53,6 @@ class FrozenWeightQuantizer(nn.Module):
         self.register_buffer("zero_point", zero_point.float())
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        if _ONNX_EXPORT[0]:  # ONNX: the weight again as QDQ of its codes
-            return qdq(w, self.scale, self.zero_point, self.bits)
         return w
 
     def codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,26 +63,23 @@ class FrozenWeightQuantizer(nn.Module):
         return f"bits={self.bits}"
 
 
-def _weight_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = layer.weight_quant.codes(layer.weight)
-    if len(out) == 2:  # symmetric: (q, scale), zero point 0
-        q, scale = out
-        return q, scale, torch.zeros_like(scale)
-    return out
-
-
 def quantized_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """The export's tensors and per-layer description of a (fake-)quantized student."""
+    """The export's tensors and per-layer description of a (fake-)quantized student.
+
+    Raises:
+        ValueError: A layer's codes are not integers of its bit width (nothing is clamped).
+    """
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
     replaced: set[str] = set()
     for name, module in student.named_modules():
         if isinstance(module, QuantConv2d | QuantLinear):
-            q, scale, zero_point = _weight_codes(module)
-            tensors[f"{name}.weight.codes"] = q.to(torch.int8).contiguous()
-            tensors[f"{name}.weight.scale"] = scale.float().contiguous()
-            tensors[f"{name}.weight.zero_point"] = zero_point.float().contiguous()
-            layers[name] = {"kind": type(module).__name__, "bits": module.weight_quant.bits}
+            q, scale, zero_point = weight_codes(module)
+            bits = module.weight_quant.bits
+            tensors[f"{name}.weight.codes"] = pack_codes(q, bits, what=f"{name}.weight")
+            tensors[f"{name}.weight.scale"] = scale.detach().float().contiguous()
+            tensors[f"{name}.weight.zero_point"] = zero_point.detach().float().contiguous()
+            layers[name] = {"kind": type(module).__name__, "bits": bits}
             replaced.add(f"{name}.weight")
     for name, value in student.state_dict().items():
         if name in replaced or ".weight_quant." in name:
@@ -93,6 +91,43 @@ def quantized_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict
     return tensors, layers
 
 
+def save_quantized(
+    student: nn.Module,
+    out: Path,
+    *,
+    operative_config: str,
+    input_shape: Sequence[int],
+    epochs_done: int = 0,
+    checkpoint: str = "",
+) -> Path:
+    """Write a (fake-)quantized student as a quantized safetensors file.
+
+    Args:
+        student: The student, activation ranges observed (frozen or not).
+        out: The file to write.
+        operative_config: The run's operative gin configuration; only the part that builds
+            ``train.teacher`` and ``train.quant`` is stored (:func:`student_config`).
+        input_shape: ``(channels, height, width)`` of one input.
+        epochs_done: Student epochs trained (informational).
+        checkpoint: which checkpoint of the run it is (``"best"``/``"last"``; informational).
+
+    Returns:
+        ``out``.
+    """
+    tensors, layers = quantized_tensors(student.cpu())
+    metadata = {
+        "format": FORMAT,
+        # the student's part of the operative configuration (the key keeps its v1 name)
+        "operative_config": student_config(operative_config),
+        "input_shape": json.dumps([int(d) for d in input_shape]),
+        "layers": json.dumps(layers),
+        "epochs_done": str(epochs_done),
+        "checkpoint": checkpoint,
+    }
+    save_file(tensors, str(out), metadata=metadata)
+    return Path(out)
+
+
 def export_safetensors(run_dir: Path, out: Path | None = None, *, which: str | None = None) -> Path:
     """Write ``run_dir``'s student (checkpoint ``which``: ``"best"``, ``"last"``, or ``None``
     for the best when the run kept one) as a quantized safetensors file; the file's metadata
@@ -102,17 +137,15 @@ def export_safetensors(run_dir: Path, out: Path | None = None, *, which: str | N
     if not (run_dir / "operative_config.gin").is_file():
         raise ConfigError(f"--run {str(run_dir)!r} has no operative_config.gin")
     image_size, channels = run.data.image_size, run.data.channels
-    tensors, layers = quantized_tensors(run.student_module.cpu())
-    metadata = {
-        "format": FORMAT,
-        "operative_config": (run_dir / "operative_config.gin").read_text(),
-        "input_shape": json.dumps([channels, image_size, image_size]),
-        "layers": json.dumps(layers),
-        "epochs_done": str(run.loaded[1]),
-        "checkpoint": run.loaded[0],
-    }
     out = Path(out) if out is not None else run_dir / "student_quantized.safetensors"
-    save_file(tensors, str(out), metadata=metadata)
+    save_quantized(
+        run.student_module,
+        out,
+        operative_config=(run_dir / "operative_config.gin").read_text(),
+        input_shape=(channels, image_size, image_size),
+        epochs_done=run.loaded[1],
+        checkpoint=run.loaded[0],
+    )
     record_model(run_dir, out, run.loaded)
     return out
 
@@ -129,8 +162,10 @@ def _build_float_model_and_config():
 def load_quantized(path: str | Path) -> nn.Module:
     """Rebuild the quantized student of an export (activation ranges frozen, eval mode).
 
-    Clears and reuses gin's global configuration while building (the export's operative
-    configuration is parsed); the caller's gin bindings are not kept.
+    Clears and reuses gin's global configuration while building (the export's configuration
+    is parsed); the caller's gin bindings are not kept. Only the teacher's architecture and
+    the quantizers must be importable (a v1 file written before the configuration was reduced
+    to them is reduced here too).
     """
     path = Path(path)
     with safe_open(str(path), framework="pt") as f:
@@ -141,7 +176,7 @@ def load_quantized(path: str | Path) -> nn.Module:
     cfg.register_configurables()
     gin.clear_config()
     try:
-        gin.parse_config(meta["operative_config"])
+        gin.parse_config(student_config(meta["operative_config"]))
         model, quant = _build_float_model_and_config()
     finally:
         gin.clear_config()
@@ -154,7 +189,7 @@ def load_quantized(path: str | Path) -> nn.Module:
             q = tensors.pop(f"{name}.weight.codes").float()
             scale = tensors.pop(f"{name}.weight.scale")
             zero_point = tensors.pop(f"{name}.weight.zero_point")
-            state[f"{name}.weight"] = (q + zero_point) * scale
+            state[f"{name}.weight"] = (q + zero_point) * scale  # as the fake quantization
             module.weight_quant = FrozenWeightQuantizer(scale, zero_point, layers[name]["bits"])
     state.update(tensors)
     missing, unexpected = student.load_state_dict(state, strict=False)

@@ -40,8 +40,8 @@ from dfqkit.engine import Phase
 from dfqkit.errors import ConfigError, NonFiniteLossError, SetupError
 from dfqkit.evaluate import evaluate
 from dfqkit.phases import noise_batch
-from dfqkit.recipes import describe as describe_recipe
 from dfqkit.quant import quantize_, set_quant_mode, sync_quantizers
+from dfqkit.recipes import describe as describe_recipe
 from dfqkit.report import log_media, save_samples, summarize
 from dfqkit.run import Run
 

@@ -9,7 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dfqkit.quant.functional import check_bits, check_ste, fake_quant
+from dfqkit.quant.codes import eq14_grid
+from dfqkit.quant.functional import _ONNX_EXPORT, check_bits, check_ste, fake_quant
+from dfqkit.quant.onnx_qdq import act_qdq
 
 ACT_MODES: tuple[str, ...] = ("observe", "frozen")
 
@@ -83,6 +85,14 @@ class ActQuantizer(nn.Module, abc.ABC):
     def _quantize(self, x: Tensor) -> Tensor:
         return fake_quant(x, self.lo, self.hi, self.bits, self.ste)
 
+    def export_grid(self) -> tuple[Tensor, Tensor]:
+        """``(s, n_lo)``: the frozen forward rounds onto ``s · [n_lo, n_lo + 2^k − 1]``.
+
+        Eq. 14 on ``[lo, hi]`` here; a quantizer with another grid overrides it. The ONNX
+        export stores this grid (:mod:`dfqkit.quant.onnx_qdq`).
+        """
+        return eq14_grid(self.lo, self.hi, self.bits)
+
     def forward(self, x: Tensor) -> Tensor:
         """Observe (in ``"observe"`` mode) and fake-quantize an activation.
 
@@ -105,6 +115,8 @@ class ActQuantizer(nn.Module, abc.ABC):
                 "empty; run forwards in 'observe' mode first (set_quant_mode(model, 'observe')) "
                 "or load a checkpoint that holds observed ranges"
             )
+        if _ONNX_EXPORT[0]:  # traced for ONNX: QuantizeLinear → DequantizeLinear on the grid
+            return act_qdq(x, *self.export_grid(), self.bits, what=type(self).__name__)
         return self._quantize(x)
 
     def sync_(self) -> None:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from dfqkit.quant.act_ema import EMAActQuantizer
-from dfqkit.quant.functional import _ONNX_EXPORT, _codes, _qparams, qrange
+from dfqkit.quant.functional import _codes, _qparams, qrange
 from dfqkit.registry import register
 
 
@@ -138,7 +138,7 @@ class LearnableClipActQuantizer(EMAActQuantizer):
         self.grad_scale = bool(grad_scale)
 
     def _quantize(self, x: Tensor) -> Tensor:
-        if self.mode == "observe" or _ONNX_EXPORT[0]:  # observer ranges / ONNX: plain Eq. 14
+        if self.mode == "observe":  # observer ranges: plain Eq. 14
             return super()._quantize(x)
         return learnable_fake_quant(x, self.lo, self.hi, self.bits, grad_scale=self.grad_scale)
 

@@ -9,7 +9,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dfqkit.quant.act_base import ActQuantizer
-from dfqkit.quant.functional import _ONNX_EXPORT, fake_quant
 from dfqkit.quant.search import search_symmetric, symmetric_bounds
 from dfqkit.registry import register
 
@@ -99,9 +98,13 @@ class LSQActQuantizer(ActQuantizer):
         self.lo.copy_(lo)
         self.hi.copy_(hi)
 
+    def export_grid(self) -> tuple[Tensor, Tensor]:
+        """``(s, c_min)``: the learned step itself (``(hi − lo) / (2^k − 1)`` can differ from it
+        by float rounding), so the ONNX export rounds exactly as the frozen forward."""
+        c_min = self.signed.long() * -(2 ** (self.bits - 1))
+        return self.scale.detach(), c_min
+
     def _quantize(self, x: Tensor) -> Tensor:
-        if _ONNX_EXPORT[0]:
-            return fake_quant(x, self.lo, self.hi, self.bits)
         x = x.float()
         c_min = self.signed.float() * -(2 ** (self.bits - 1))
         c_max = c_min + (2**self.bits - 1)

@@ -21,6 +21,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dfqkit.quant.codes import eq14_grid
+from dfqkit.quant.grid import _qparams, qrange
+from dfqkit.quant.onnx_qdq import act_qdq
+
+__all__ = ["_qparams", "qrange"]  # the grid, re-exported for the quantizers
+
 STE_MODES: tuple[str, ...] = ("identity", "clipped")
 MIN_BITS, MAX_BITS = 2, 16
 
@@ -39,19 +45,6 @@ def check_ste(value: object) -> None:
     """Raise ``ValueError`` unless ``value`` names a straight-through estimator."""
     if value not in STE_MODES:
         raise ValueError(f"ste must be one of {', '.join(map(repr, STE_MODES))}, got {value!r}")
-
-
-def qrange(bits: int) -> tuple[int, int]:
-    """The signed integer code range ``(-2^(k-1), 2^(k-1) - 1)``."""
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-
-
-def _qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(scale, 1/scale, zero_point)``; the reciprocal is shared so codes and fake quant agree."""
-    scale = (hi - lo).clamp_min_(1e-8).div_(2**bits - 1)
-    inv_scale = scale.reciprocal()
-    zero_point = (lo * inv_scale).round_().add_(2 ** (bits - 1))
-    return scale, inv_scale, zero_point
 
 
 def minmax_qparams(lo: Tensor, hi: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -114,45 +107,9 @@ class _FakeQuant(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-_ONNX_EXPORT = [False]  # set by dfqkit.export_onnx while tracing: emit QDQ nodes
-
-
-class _QDQ(torch.autograd.Function):
-    """Fake quantization written as ONNX QuantizeLinear → Clip → DequantizeLinear.
-
-    ``zero_point`` is ONNX's (``-z`` of Eq. 14, int8); the int8 container is clipped to the
-    k-bit code range ``[qmin, qmax]`` before dequantizing, so any ``k ≤ 8`` is exact.
-    """
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, axis):  # noqa: ANN001
-        shape = [1] * x.dim()
-        if axis is not None:
-            shape[axis] = -1
-        s = scale.view(shape) if axis is not None else scale
-        zp = zero_point.float().view(shape) if axis is not None else zero_point.float()
-        q = (torch.round(x.float() / s) + zp).clamp(qmin, qmax)
-        return (q - zp) * s
-
-    @staticmethod
-    def symbolic(g, x, scale, zero_point, qmin, qmax, axis):  # noqa: ANN001
-        kwargs = {} if axis is None else {"axis_i": axis}
-        q = g.op("QuantizeLinear", x, scale, zero_point, **kwargs)
-        low = g.op("Constant", value_t=torch.tensor(qmin, dtype=torch.int8))
-        high = g.op("Constant", value_t=torch.tensor(qmax, dtype=torch.int8))
-        q = g.op("Clip", q, low, high)
-        return g.op("DequantizeLinear", q, scale, zero_point, **kwargs)
-
-
-def qdq(x: Tensor, scale: Tensor, z: Tensor, bits: int) -> Tensor:
-    """Eq. 14 fake quantization with precomputed ``scale`` and zero point ``z`` in ONNX form
-    (a scalar per tensor, or ``(c, 1, ...)`` per output channel along dim 0)."""
-    qmin, qmax = qrange(bits)
-    per_channel = scale.dim() > 0 and scale.numel() > 1
-    zp = (-z).round().to(torch.int8)
-    if per_channel:
-        return _QDQ.apply(x, scale.flatten().float(), zp.flatten(), qmin, qmax, 0)
-    return _QDQ.apply(x, scale.reshape(()).float(), zp.reshape(()), qmin, qmax, None)
+#: set by :func:`dfqkit.export_onnx.export_model_onnx` while it traces: quantizers emit their
+#: ONNX form (:mod:`dfqkit.quant.onnx_qdq`) instead of fake-quantizing
+_ONNX_EXPORT = [False]
 
 
 def fake_quant(x: Tensor, lo: Tensor, hi: Tensor, bits: int, ste: str = "identity") -> Tensor:
@@ -176,7 +133,9 @@ def fake_quant(x: Tensor, lo: Tensor, hi: Tensor, bits: int, ste: str = "identit
         lo = torch.as_tensor(lo, dtype=torch.float32, device=x.device)
     if not isinstance(hi, Tensor):
         hi = torch.as_tensor(hi, dtype=torch.float32, device=x.device)
-    if _ONNX_EXPORT[0]:
-        scale, _, zero_point = _qparams(lo.float(), hi.float(), bits)
-        return qdq(x, scale, zero_point, bits)
+    if _ONNX_EXPORT[0]:  # a per-tensor range becomes QuantizeLinear → DequantizeLinear
+        if lo.numel() != 1:
+            raise ValueError("ONNX export: fake_quant with a per-channel range is not supported")
+        scale, n_lo = eq14_grid(lo, hi, bits)
+        return act_qdq(x, scale, n_lo, bits, what="fake_quant")
     return _FakeQuant.apply(x, lo, hi, bits, ste == "clipped")

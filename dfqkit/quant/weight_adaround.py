@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dfqkit.quant.functional import _ONNX_EXPORT, check_bits, qdq, qrange
+from dfqkit.quant.functional import check_bits, qrange
 from dfqkit.quant.search import search_asymmetric
 from dfqkit.registry import register
 
@@ -109,10 +109,6 @@ class AdaRoundWeightQuantizer(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         """Fake-quantize the bound weight: ``(c_out, ...)`` -> fp32, same shape."""
         self._check()
-        if _ONNX_EXPORT[0]:
-            with torch.no_grad():
-                w_hat = self.scale * (self._codes(w, False) + self.zero_point)
-            return qdq(w_hat, self.scale.detach(), self.zero_point, self.bits)
         return self.scale * (self._codes(w, self.soft) + self.zero_point)
 
     def rounding_loss(self, beta: float) -> Tensor:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from dfqkit.quant.functional import _ONNX_EXPORT, check_bits, check_ste, qdq, qrange
+from dfqkit.quant.functional import check_bits, check_ste, qrange
 from dfqkit.registry import register
 
 
@@ -52,9 +51,6 @@ class SymmetricWeightQuantizer(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         """Fake-quantized weight, fp32, shape of ``w``."""
-        if _ONNX_EXPORT[0]:
-            s = self.scale(w)
-            return qdq(w, s, torch.zeros_like(s), self.bits)
         q, s = self.codes(w)
         out = q * s
         w32 = w.float()
