@@ -3,7 +3,7 @@
 ``python -m dfqkit.bench speed --reference gdfq`` times this beside dfqkit's own step, so the
 speed-up is measured on one machine at one moment rather than against a figure taken elsewhere.
 It is written from the description of the official code (xushoukai/GDFQ ``trainer.py`` /
-``main.py``, baselines.md §1, §3.1), not copied from it, and keeps what costs time there:
+``main.py``; docs/methods.md), not copied from it, and keeps what costs time there:
 
 * the generator upsamples (nearest ×2) and then convolves at full resolution;
 * BN hooks compute mean and biased variance of every teacher BN input with ``var``;

@@ -24,7 +24,7 @@ class GradientInundationSGD(torch.optim.Optimizer):
     optimizer trades speed for AIT's behaviour.
 
     Reference: Choi et al., "It's All In the Teacher: Zero-Shot Quantization Brought Closer to
-    the Teacher", CVPR 2022 (``SGD_adalr``; baselines.md §2.4: threshold 1e-3 CIFAR, 1e-4
+    the Teacher", CVPR 2022 (the official code's ``SGD_adalr``: threshold 1e-3 CIFAR, 1e-4
     ImageNet, 5 refinement steps).
 
     Args:

@@ -2,7 +2,9 @@
 
 ``dfqkit list recipes`` prints every recipe with its one-line title (the first line of its
 header comment); ``dfqkit train --gin RECIPE --help`` prints :func:`describe`: the title, the
-REQUIRED macros, the commonly overridden ones and every macro with its value.
+REQUIRED macros, the commonly overridden ones (the first "Commonly overridden:" line in the
+headers of the recipe and the files it includes, plus the standard macros) and every macro with
+its value.
 """
 
 from __future__ import annotations
@@ -39,6 +41,18 @@ def list_recipes(root: Path | None = None) -> list[tuple[str, str]]:
     return [(str(p.relative_to(root)), title(p)) for p in sorted((root / "recipes").rglob("*.gin"))]
 
 
+def headers(path: Path, seen: frozenset[Path] = frozenset()) -> list[str]:
+    """The header lines of ``path`` and of every file it includes (recursively, in order)."""
+    if path in seen:
+        return []
+    lines = header(path)
+    for line in path.read_text().splitlines():
+        match = cfg.INCLUDE.match(line)
+        if match:
+            lines += headers(cfg.resolve_gin_file(match.group("path")), seen | {path})
+    return lines
+
+
 def _macros() -> dict[str, str]:
     return {
         key.rpartition("/")[0]: value
@@ -57,8 +71,7 @@ def describe(gin_file: str | Path) -> str:
     required = cfg.required_macros()
     macros = _macros()
     gin.clear_config()
-    text = " ".join(header(files[0]))
-    found = COMMONLY.search(text)
+    found = COMMONLY.search(" ".join(headers(files[0])))
     common = [n.strip() for n in found.group("names").split(",") if n.strip()] if found else []
     common = list(dict.fromkeys([*common, *cfg.STANDARD_MACROS]))
     lines = [f"{cfg.recipe_name(path)}: {title(path) or '(no header comment)'}", ""]

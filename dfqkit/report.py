@@ -64,7 +64,7 @@ def log_media(acc, teacher: nn.Module, batch: SynthBatch | None, data, step: int
 
 
 def summarize(state, *, recipe: str, seed: int, quant, resumed_from: int | None) -> dict[str, Any]:
-    """The ``metrics.json`` content (DESIGN.md names these fields; scripts rely on them)."""
+    """The ``metrics.json`` content (docs/training.md names these fields; scripts rely on them)."""
     history = state.history
     last = history[-1] if history else {}
     last5 = [h["test_top1"] for h in history[-5:]]

@@ -149,7 +149,7 @@ class ARCGenerator(Generator):
     centre-cropped (a dfqkit adaptation).
 
     Reference: Zhu et al., "AutoReCon", 2021; Choi et al., "It's All In the Teacher", CVPR 2022
-    (baselines.md §2.4).
+    (the generator search released with the AIT code; docs/methods.md).
 
     Args:
         num_classes, image_size, channels: the images.

@@ -23,7 +23,7 @@ class PixelBank(Generator):
 
     Reference: PSAQ-ViT (Li et al., ECCV 2022): one batch of 32 images from N(0, 1), Adam
     (lr 0.2 DeiT / 0.25 Swin, betas (0.5, 0.9)), cosine schedule, random roll and flip
-    (baselines.md §2.11).
+    (its official code; docs/methods/psaq_vit.md).
 
     Args:
         data: the :class:`~dfqkit.data.EvalData` whose image shape, classes and normalization

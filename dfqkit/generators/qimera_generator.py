@@ -40,7 +40,7 @@ class QimeraGenerator(ConditionalGenerator):
     shrinks a mixed sample's ``γ`` and ``β`` a hundredfold or more against an unmixed one's;
     dfqkit's default keeps them a convex combination (docs/methods.md, "Decisions").
 
-    Reference: Choi et al., "Qimera", NeurIPS 2021 (baselines.md §2.3: latent 64 CIFAR, 512
+    Reference: Choi et al., "Qimera", NeurIPS 2021 (official run scripts: latent 64 CIFAR, 512
     ResNet-18, 2048 ResNet-50, 1280 MobileNetV2; the mapping is off by default in the official
     scripts because of its inverted ``--no_DM`` flag).
 

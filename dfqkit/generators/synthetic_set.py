@@ -32,7 +32,7 @@ PARAMETRIZATIONS = ("pixels", "generator")
 class GenieDecoder(nn.Module):
     """Genie-D's small per-batch generator: ``Linear(latent → 128·(s/4)²)`` → BN(128) → ×2 →
     Conv3×3(128→64) → BN → LeakyReLU(0.2) → ×2 → Conv3×3(64→c) → Tanh → BN(c, affine=False).
-    Unconditional; a fresh one is made for every batch (baselines.md §2.10)."""
+    Unconditional; a fresh one is made for every batch (Genie's official code; docs/methods.md)."""
 
     def __init__(self, latent_dim: int, image_size: int, channels: int) -> None:
         super().__init__()

@@ -34,7 +34,8 @@ class AdaptiveMarginLoss(Loss):
     The BNS term of the paper is the separate :class:`BNStatsLoss` (weight ``γ = 1``).
 
     Reference: Qian et al., "Adaptive Data-Free Quantization" (AdaDFQ, CVPR 2023) and
-    "Rethinking Data-Free Quantization as a Zero-Sum Game" (AdaSG, AAAI 2023); baselines.md §2.5.
+    "Rethinking Data-Free Quantization as a Zero-Sum Game" (AdaSG, AAAI 2023), and their
+    official code (docs/methods.md).
 
     Args:
         lambda_l, lambda_u: the margin bounds (AdaSG 0.3 / 0.8; AdaDFQ CIFAR 0.1 / 0.8).
@@ -94,7 +95,7 @@ class DifferenceEntropyLoss(Loss):
     ``L_Q = −T² · mean_i H(softmax((F(x) − Q(x)) / T))``: the difference of the logits is
     pushed towards a constant, i.e. ``Q ≈ F`` up to a per-sample shift. No CE and no KL.
 
-    Reference: AdaSG (AAAI 2023) / AdaDFQ (CVPR 2023), baselines.md §2.5.
+    Reference: AdaSG (AAAI 2023) / AdaDFQ (CVPR 2023) and their official code.
 
     Args:
         temperature: T (20 CIFAR, 5 ImageNet in the released configs).

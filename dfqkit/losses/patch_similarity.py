@@ -51,7 +51,7 @@ class PatchSimilarityEntropy(Loss):
 
     Reference: Li et al., "Patch Similarity Aware Data-Free Quantization for Vision
     Transformers" (PSAQ-ViT, ECCV 2022); bandwidth 0.01 and 10 grid points as in its code
-    (baselines.md §2.11). Per-sample estimation is dfqkit's reading.
+    (docs/methods/psaq_vit.md). Per-sample estimation is dfqkit's reading.
 
     Args:
         prefix_tokens: leading non-patch tokens to drop (1 for ViT/DeiT's CLS token).

@@ -46,8 +46,8 @@ class ZeroQBNSLoss(Loss):
     Genie-D's form is ``statistics="batch"``: one mean and std per channel over the whole batch
     and its positions, each term ``‖μ − μ̂‖² / C`` (mean over channels).
 
-    Reference: Cai et al., "ZeroQ", CVPR 2020 (baselines.md §2.1); Zhang et al., "DSG", CVPR
-    2021 (§2.6); Jeon et al., "Genie", CVPR 2023 (§2.10).
+    Reference: Cai et al., "ZeroQ", CVPR 2020; Zhang et al., "DSG", CVPR 2021; Jeon et al.,
+    "Genie", CVPR 2023 (each as its official code computes it; docs/methods.md).
 
     Args:
         input_prior: add the input image's statistics terms.
@@ -149,7 +149,7 @@ class ImagePrior(Loss):
     neighbour differences (horizontal, vertical, two diagonals; L2 norms over the batch) plus
     ``l2 · mean_i ‖x_i‖``.
 
-    Reference: Yin et al., "DeepInversion", CVPR 2020; DSG (baselines.md §2.6: 0.01 and 0.01).
+    Reference: Yin et al., "DeepInversion", CVPR 2020; DSG (its official code: 0.01 and 0.01).
 
     Args:
         tv_l2, l2: the two coefficients.
@@ -183,7 +183,7 @@ class TargetProbabilityLoss(Loss):
     synthesized batch: ``U[low, 1]`` for a random half of the samples, 1 for the rest); without
     it every target is 1.
 
-    Reference: Zhong et al., "IntraQ", CVPR 2022 (baselines.md §2.7).
+    Reference: Zhong et al., "IntraQ", CVPR 2022, and its official code.
     """
 
     def compute(self, step: Step) -> torch.Tensor:
@@ -199,7 +199,7 @@ class FocalCE(Loss):
     """HAST's hard-sample term: ``mean_i (1 − p_{y_i})^γ · CE(F(x_i), y_i)``, weighting images
     the teacher finds hard (low ``p_y``) more; ``p_y`` is detached in the weight.
 
-    Reference: Li et al., "HAST", CVPR 2023 (baselines.md §2.8: β = weight 10, γ 2 CIFAR;
+    Reference: Li et al., "HAST", CVPR 2023 (official code: β = weight 10, γ 2 CIFAR;
     β 0.1, γ 0.5 ImageNet).
 
     Args:
@@ -235,7 +235,7 @@ class IntraClassMarginLoss(Loss):
     earlier groups made. The penultimate feature is the pooled output of the teacher's last
     block (the ``stages`` tap with one part).
 
-    Reference: Zhong et al., "IntraQ", CVPR 2022 (baselines.md §2.7: C10 0.05 / 0.8, C100
+    Reference: Zhong et al., "IntraQ", CVPR 2022 (official code: C10 0.05 / 0.8, C100
     0.02 / 1.0, ImageNet off).
 
     Args:
@@ -297,7 +297,7 @@ class FeatureAttentionLoss(Loss):
     out²)`` the L2-normalised channel attention of the block's output (the ``block_attention``
     tap on both models).
 
-    Reference: Li et al., "HAST", CVPR 2023 (baselines.md §2.8: λ = weight 1000 CIFAR, 4000
+    Reference: Li et al., "HAST", CVPR 2023 (official code: λ = weight 1000 CIFAR, 4000
     ImageNet; the official code taps each residual block's body, dfqkit the block's output).
     """
 

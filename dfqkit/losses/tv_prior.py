@@ -25,7 +25,7 @@ class TVPrior(Loss):
     weight 0.05; for other shapes the range is scaled by the number of pixel differences
     (``scale_to_image=True``), so the prior asks the same smoothness per pixel.
 
-    Reference: PSAQ-ViT (Li et al., ECCV 2022), baselines.md §2.11. The per-image TV and the
+    Reference: PSAQ-ViT (Li et al., ECCV 2022) and its official code. The per-image TV and the
     scaling rule are dfqkit's reading (docs/methods/psaq_vit.md).
 
     Args:

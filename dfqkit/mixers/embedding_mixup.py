@@ -21,8 +21,8 @@ class EmbeddingMixup(Mixer):
     also read. Works with any generator exposing ``embed(labels, z)``.
 
     Reference: Choi et al., "Qimera: Data-free Quantization with Synthetic Boundary Supporting
-    Samples", NeurIPS 2021 (``multi_label_prob`` = ``prob``, ``multi_label_num`` = ``K``;
-    baselines.md §2.3).
+    Samples", NeurIPS 2021 (``multi_label_prob`` = ``prob``, ``multi_label_num`` = ``K``
+    in the official code; docs/methods.md).
 
     Args:
         num_classes: classes of the generator (``None``: the generator's, at bind time).

@@ -21,7 +21,7 @@ class EMAActQuantizer(ActQuantizer):
     at 0 and every update divides the *stored* value by ``1 - m^t`` (``t`` = updates so far,
     this one included), ``lo = (m * lo + (1 - m) * batch_lo) / (1 - m^t)``. With a constant batch
     statistic of 1.0 and ``m = 0.9`` this gives 1.0, 5.3, 17.8, 47 at t = 1..4, peaks near
-    3,900 at t ~ 21 and settles to the plain EMA only after ~150 updates (baselines.md §3.1): use
+    3,900 at t ~ 21 and settles to the plain EMA only after ~150 updates (docs/quantization.md): use
     it knowingly, to match baselines that calibrate for ~800 updates.
 
     Reference: GDFQ (Xu et al., ECCV 2020), ``QuantAct`` with ``beta = 0.9``.

@@ -1,7 +1,7 @@
 """Min/max affine quantization: parameters, integer codes and fake quantization.
 
-The reference quantizer is the supplementary Eq. 14 as GDFQ/ZeroQ implement it (baselines.md
-§3.1): for a range ``[lo, hi]`` and ``k`` bits,
+The reference quantizer is the supplementary Eq. 14 as GDFQ/ZeroQ implement it in their
+official code (docs/quantization.md): for a range ``[lo, hi]`` and ``k`` bits,
 
     s = max(hi - lo, 1e-8) / (2^k - 1)
     z = round(lo / s) + 2^(k-1)

@@ -16,7 +16,7 @@ class SymmetricWeightQuantizer(nn.Module):
     ``ŵ = s · q``, recomputed from the current weight at every forward (no state).
 
     Reference: PSAQ-ViT (Li et al., ECCV 2022), ``QuantLinear`` / ``QuantConv2d`` weights
-    (baselines.md §3.2).
+    in its official code (docs/methods/psaq_vit.md).
 
     Args:
         bits: Bit width ``k`` in 2..16.
