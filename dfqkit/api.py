@@ -231,9 +231,10 @@ def quantize(
     ]
     if not bn_layers(model):  # a BN-free model (a ViT) takes no BN-statistics loss
         params.append("losses.BNStatsLoss.weight = 0.0")
-    params += list(gin_params)
     recipe = f"dfqkit.quantize(method={str(method)!r})"
-    run, resumed_from = start_run(files, params, output_dir=out, recipe=recipe)
+    run, resumed_from = start_run(
+        files, list(gin_params), output_dir=out, recipe=recipe, trusted=params
+    )
     fit(run, resumed_from=resumed_from)
     which = "best" if run.checkpoint_path("best") is not None else "last"
     if run.load(which) is None:

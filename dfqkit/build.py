@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,7 +36,7 @@ from dfqkit.generators.base import synthesize
 from dfqkit.losses.base import Loss
 from dfqkit.mixers import NoMixer
 from dfqkit.phases import Calibration, OneStepPerturbation, ReconstructionStage, noise_batch
-from dfqkit.quant import QuantConfig, quantize_
+from dfqkit.quant import QuantConfig, act_quantizers, quantize_
 from dfqkit.run import MIXED_PRECISION, Run, Schedule
 
 logger = get_logger(__name__)
@@ -140,6 +141,15 @@ def build_run(
         The :class:`~dfqkit.run.Run`, with its loop state at the start (epoch 0); load a
         checkpoint into it with :meth:`Run.load`.
     """
+    _check_instances(
+        teacher=teacher,
+        data=data,
+        generator=generator,
+        mixer=mixer,
+        quant=quant,
+        reconstruction=reconstruction,
+        **{f"losses[{i}]": loss for i, loss in enumerate(losses)},
+    )
     schedule = Schedule(
         epochs=epochs,
         iters_per_epoch=iters_per_epoch,
@@ -178,6 +188,13 @@ def build_run(
     teacher, student, generator, mixer, example = _models(
         acc, teacher, data, generator, mixer, losses, quant, schedule
     )
+    if calib_epochs == 0 and calibration != "noise" and act_quantizers(student):
+        raise ConfigError(
+            f"train.calib_epochs = 0 with train.calibration = {calibration!r}: the student's "
+            f"{len(act_quantizers(student))} activation quantizers would never observe a batch, "
+            "so they would have no range; set train.calib_epochs >= 1, or "
+            "train.calibration = 'noise'"
+        )
     stage = None
     if reconstruction is not None:
         stage = ReconstructionStage(reconstruction, teacher, student, example)
@@ -264,6 +281,19 @@ def _optimizers(acc, generator, mixer, student, generator_optimizer, student_opt
     student, student_opt = acc.prepare(student, student_opt)
     acc.register_for_checkpointing(state)
     return gen_opt, student_opt, generator, student, state
+
+
+def _check_instances(**parts: Any) -> None:
+    """A part bound as ``@kind.Name`` (the class or factory itself) instead of
+    ``@kind.Name()`` (an instance) is named, with the fix."""
+    for name, part in parts.items():
+        if inspect.isclass(part) or inspect.isfunction(part):
+            kind = part.__module__.split(".")[1] if part.__module__.startswith("dfqkit.") else ""
+            ref = f"@{kind}.{part.__name__}" if kind else f"@{part.__name__}"
+            raise ConfigError(
+                f"train.{name} is {ref} — the {'class' if inspect.isclass(part) else 'function'} "
+                f"itself, not an instance: write {ref}() (with parentheses) so gin builds one"
+            )
 
 
 def _check_settings(

@@ -28,7 +28,7 @@ from gin import config as gin_config
 import dfqkit.build  # noqa: F401  (gin-registers the root `train`)
 import dfqkit.data  # noqa: F401  (gin-registers the datasets)
 import dfqkit.optim  # noqa: F401  (gin-registers optimizers beyond torch.optim)
-from dfqkit import registry
+from dfqkit import bindings, registry
 from dfqkit.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -155,8 +155,15 @@ def parse(
             gin.parse_config_files_and_bindings(
                 [str(f) for f in files], list(gin_params), finalize_config=False
             )
+    except ImportError as err:  # a gin `import` statement (a plug-in module)
+        found = re.search(r"No module named '([\w.]+)'", str(err))
+        module = err.name or (found.group(1) if found else "?")
+        raise ConfigError(
+            f"gin `import {module}` failed: {_short(err)}; the module must be importable from "
+            f"the working directory ({os.getcwd()}) or the installed packages (sys.path)"
+        ) from err
     except (ValueError, KeyError, TypeError, SyntaxError, OSError) as err:
-        raise ConfigError(f"bad config: {_short(err)}") from err
+        raise ConfigError(f"bad config: {_short(err)}{bindings.hint(str(err))}") from err
     missing = required_macros()
     if missing and not allow_required:
         hints = " ".join(f"--gin_param \"{m} = '...'\"" for m in missing)

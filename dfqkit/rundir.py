@@ -23,6 +23,7 @@ from pathlib import Path
 import gin
 import torch
 
+from dfqkit import bindings
 from dfqkit import checkpoint as ckpt
 from dfqkit import config as cfg
 from dfqkit.build import build_run
@@ -58,6 +59,8 @@ class OpenedRun:
     recipe: str
     resume: bool
     note: str | None = None  # said first, before anything is built
+    #: the bindings the user set on the command line (checked to be read once the run is built)
+    user_keys: tuple[tuple[str, str, str], ...] = ()
 
 
 @gin.configurable("run_file", module="dfqkit")
@@ -102,15 +105,21 @@ def open_run(
     output_dir: str | Path | None = None,
     resume: bool = False,
     recipe: str | None = None,
+    trusted: Sequence[str] = (),
 ) -> OpenedRun:
     """Parse the configuration of a new run (``gin_files`` + ``gin_params``) or of a resumed one
     (its own ``config.gin``, plus the allowed changes), write ``config.gin`` and finalize gin.
+
+    A macro set in ``gin_params`` or at the top of a given file that nothing reads is refused
+    (:func:`dfqkit.bindings.unread_macros`).
 
     Args:
         gin_files, gin_params: the recipe and bindings (for a resumed run: optional).
         output_dir: the run directory (new runs: default ``runs/<recipe>/seed<SEED>``).
         resume: continue the run in ``output_dir``.
         recipe: the name recorded as ``train.recipe`` (default: the first file's name).
+        trusted: bindings applied before ``gin_params`` and not checked for being read
+            (what ``dfqkit.quantize`` itself binds).
     """
     if resume:
         if output_dir is None:
@@ -122,13 +131,17 @@ def open_run(
                 f"--resume: {str(output_dir)!r} is not a dfqkit run directory (no {CONFIG}); "
                 "pass --gin RECIPE to start a new run there"
             )
-    files = cfg.parse(gin_files, gin_params, finalize=False)
+    files = cfg.parse(gin_files, trusted, finalize=False, allow_required=True)
+    before = bindings.values()
+    files = cfg.parse(gin_files, [*trusted, *gin_params], finalize=False)
+    user_keys = tuple(k for k, v in bindings.values().items() if before.get(k) != v)
+    _refuse(bindings.unread_macros(bindings.macros_set(files, gin_params)))
     name = recipe if recipe is not None else cfg.recipe_name(files[0])
     if output_dir is None:
         output_dir = Path("runs") / cfg.run_name(files[0]) / f"seed{_seed()}"
     _seed()
     out = prepare_output_dir(output_dir, resume=resume)
-    params = [*gin_params, f"train.recipe = {name!r}"]
+    params = [*trusted, *gin_params, f"train.recipe = {name!r}"]
     with gin.unlock_config():
         gin.bind_parameter("dfqkit.train.recipe", name)
     (out / CONFIG).write_text(cfg.flatten(files, params))
@@ -137,7 +150,17 @@ def open_run(
     note = None
     if resume:
         note = f"--resume: {str(out)!r} held no run ({CONFIG} missing): starting a new run there"
-    return OpenedRun(out, name, resume=False, note=note)
+    return OpenedRun(out, name, resume=False, note=note, user_keys=user_keys)
+
+
+def _refuse(errors: list[str]) -> None:
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def check_read(opened: OpenedRun) -> None:
+    """Once the run is built: refuse command-line bindings of parts the run does not have."""
+    _refuse(bindings.unread_bindings(opened.user_keys))
 
 
 def _reopen(out: Path, gin_files: Sequence[str | Path], gin_params: Sequence[str]) -> OpenedRun:
@@ -161,6 +184,7 @@ def _reopen(out: Path, gin_files: Sequence[str | Path], gin_params: Sequence[str
                 "change on resume: drop --gin/--gin_param to continue as it was, or start a "
                 "new run with another --output_dir"
             )
+        _refuse(bindings.unread_macros(bindings.macros_set([], gin_params)))
         if changed:
             stamp = datetime.datetime.now().isoformat(timespec="seconds")
             lines = [f"{k} = {given[k]}" for k in changed if k in given]

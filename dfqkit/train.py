@@ -76,17 +76,19 @@ def start_run(
     output_dir: str | Path | None = None,
     resume: bool = False,
     recipe: str | None = None,
+    trusted: Sequence[str] = (),
 ) -> tuple[Run, int | None]:
     """Open the run directory, build the :class:`Run`, restore its last checkpoint (with
     ``resume``) and compute the reference accuracies; returns the run and the epoch it resumed
     from (``None``: a fresh start)."""
     opened = rundir.open_run(
-        gin_files, gin_params, output_dir=output_dir, resume=resume, recipe=recipe
+        gin_files, gin_params, output_dir=output_dir, resume=resume, recipe=recipe, trusted=trusted
     )
     if opened.note and int(os.environ.get("RANK", "0")) == 0:  # before Accelerate exists
         logging.getLogger(__name__).warning(opened.note)
     try:
         built = rundir.build(opened)
+        rundir.check_read(opened)
         return built, prepare(built, resume=opened.resume)
     except (ConfigError, NonFiniteLossError):
         raise

@@ -59,6 +59,7 @@ def world(tmp_path_factory, zoo_teacher):
     old = os.environ.get("DFQKIT_CACHE")
     os.environ["DFQKIT_CACHE"] = str(zoo_teacher)
     run([R], TINY, output_dir=root / "good")
+    (root / "imports_nothing.gin").write_text(f"import no_such_plugin_module\ninclude '{R}'\n")
     import gin
 
     gin.clear_config(clear_constants=True)
@@ -91,6 +92,13 @@ def _damaged_run(world, name, damage):
     return run_dir
 
 
+WIDER = "generators.ConditionalGenerator.width = 32"
+
+
+def _append(path, line):
+    path.write_text(path.read_text() + line + "\n")
+
+
 def _truncate(path, keep=300):
     path.write_bytes(path.read_bytes()[:keep])
 
@@ -106,9 +114,42 @@ def _deit(world, *params, weights="deit.safetensors", data="images"):
 
 # name: (recipe, bindings (a function of the world), expected substrings, output / resume)
 CASES = {
-    "unknown component": (R, ["train.mixer = @mixers.Mixupp()"], ["'@mixers.Mixupp()'"]),
-    "misspelled train binding": (R, ["train.epochz = 3"], ["'train'", "'epochz'"]),
-    "misspelled component binding": (R, ["mixers.Mixup.alpah = 0.2"], ["'mixers.Mixup'", "alpah"]),
+    "unknown component": (
+        R,
+        ["train.mixer = @mixers.MixUp()"],
+        ["'@mixers.MixUp()'", "Did you mean 'mixers.Mixup'"],
+    ),
+    "misspelled train binding": (R, ["train.epochz = 3"], ["'train'", "'epochz'", "'epochs'"]),
+    "misspelled component binding": (
+        R,
+        ["mixers.Mixup.alpah = 0.2"],
+        ["'mixers.Mixup'", "alpah", "Did you mean 'alpha'"],
+    ),
+    "misspelled macro": (
+        "recipes/mnist/diversity_w4a3.gin",
+        ["HAEDS = 0"],
+        ["macro HAEDS is set but nothing in the configuration reads it", "'HEADS'"],
+    ),
+    "binding of a part the run does not have": (
+        R,
+        ["mixers.Mixup.alpha = 0.3"],
+        ["binding mixers.Mixup.alpha is read by nothing", "'mixers.NoMixer'"],
+    ),
+    "a component class where an instance belongs": (
+        R,
+        ["train.mixer = @mixers.Mixup"],
+        ["train.mixer is @mixers.Mixup", "write @mixers.Mixup() (with parentheses)"],
+    ),
+    "ranges that would never be observed": (
+        R,
+        ["train.calib_epochs = 0"],
+        ["train.calib_epochs = 0", "never observe", "train.calibration = 'noise'"],
+    ),
+    "gin import of a missing module": (
+        lambda w: str(w / "imports_nothing.gin"),
+        [],
+        ["gin `import no_such_plugin_module` failed", "importable"],
+    ),
     "unknown gin file": ("recipes/nope.gin", [], ["gin file 'recipes/nope.gin' not found"]),
     "gin syntax error": (R, ["W_BITS = = 3"], ["bad config", "Unable to parse"]),
     "wrong type: epochs": (R, ["train.epochs = 'ten'"], ["train.epochs", "'ten'"]),
@@ -225,8 +266,14 @@ CASES = {
     ),
     "checkpoint of another architecture": (
         R,
-        ["EPOCHS = 3", "generators.ConditionalGenerator.width = 32"],
+        ["EPOCHS = 3"],
         ["does not fit this run", "size mismatch", "config.gin"],
+        ("resume", lambda c: _append(c.parent.parent / "config.gin", WIDER)),
+    ),
+    "resume with another configuration": (
+        R,
+        ["EPOCHS = 3", WIDER],
+        ["differs from the run's own config.gin", "ConditionalGenerator.width: 16 -> 32"],
         ("resume", lambda c: None),
     ),
     "checkpoint pickle that would run code": (
@@ -254,6 +301,7 @@ def test_the_table_is_large_enough():
 def test_bad_input_fails_before_training_with_one_line(name, world, capsys, monkeypatch):
     recipe, params, expected, *where = CASES[name]
     params = params(world) if callable(params) else params
+    recipe = recipe(world) if callable(recipe) else recipe
     if recipe != DEIT:
         params = [*TINY, *params]
     argv = ["--gin", recipe]

@@ -10,6 +10,7 @@ import gin
 import pytest
 import torch
 
+from dfqkit import bindings
 from dfqkit import checkpoint as ckpt
 from dfqkit import config as cfg
 from dfqkit import rundir
@@ -31,7 +32,7 @@ TINY = [
     "train.trackers = None",
 ]
 RECIPE = "recipes/mnist/gdfq_w4a4.gin"
-REQUIRED = ["DATA_ROOT = '/x'", "TEACHER_WEIGHTS = '/x'", "TIMM_MODEL = 'resnet18'"]
+REQUIRED = ["DATA_ROOT = '/x'", "TEACHER_WEIGHTS = '/x'"]
 
 
 def _ordered_snapshot():
@@ -42,8 +43,9 @@ def _ordered_snapshot():
 def test_config_gin_binds_what_the_recipe_binds_in_the_same_order(recipe, tmp_path):
     """The flattened config.gin is self-contained and parses to the very same bindings, in the
     same order (gin builds references in binding order, so the order decides initialisation)."""
-    cfg.parse([recipe], REQUIRED, finalize=False, allow_required=True)
+    files = cfg.parse([recipe], REQUIRED, finalize=False, allow_required=True)
     want = _ordered_snapshot()
+    assert bindings.unread_macros(bindings.macros_set(files, [])) == []  # no recipe sets in vain
     text = cfg.flatten([recipe], REQUIRED)
     assert not any(line.lstrip().startswith("include ") for line in text.splitlines())
     (tmp_path / "config.gin").write_text(text)
