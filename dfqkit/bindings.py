@@ -74,7 +74,9 @@ def bound_keys() -> set[tuple[str, str, str]]:
 
 def values() -> dict[tuple[str, str, str], str]:
     return {
-        (s, sel, p): repr(v) for (s, sel), params in gin_config._CONFIG.items() for p, v in params.items()
+        (s, sel, p): repr(v)
+        for (s, sel), params in gin_config._CONFIG.items()
+        for p, v in params.items()
     }
 
 

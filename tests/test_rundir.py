@@ -10,10 +10,9 @@ import gin
 import pytest
 import torch
 
-from dfqkit import bindings
+from dfqkit import bindings, rundir
 from dfqkit import checkpoint as ckpt
 from dfqkit import config as cfg
-from dfqkit import rundir
 from dfqkit.errors import ConfigError
 from dfqkit.evaluate import evaluate
 from dfqkit.export import export_safetensors, load_quantized
