@@ -60,9 +60,8 @@ def unread_macros(names: Iterable[str]) -> list[str]:
     errors = []
     for name in sorted(set(names) - referenced - INTERNAL_MACROS):
         if name in defined_macros():
-            errors.append(
-                f"macro {name} is set but nothing in the configuration reads it.{suggest(name, referenced)}"
-            )
+            hint_ = suggest(name, referenced)
+            errors.append(f"macro {name} is set but nothing in the configuration reads it.{hint_}")
     return errors
 
 
@@ -100,10 +99,10 @@ def unread_bindings(keys: Iterable[tuple[str, str, str]]) -> list[str]:
         if selector == MACRO or (scope, selector) in called:
             continue
         used = [display((s, sel, "")).rstrip(".") for s, sel in called if sel != MACRO]
+        part = display((scope, selector, "")).rstrip(".")
         errors.append(
-            f"binding {display(key)} is read by nothing: {display((scope, selector, '')).rstrip('.')} "
-            f"is not part of this run (the parts built: {', '.join(sorted(used)[:12])}, ...)"
-            f".{suggest(display((scope, selector, '')).rstrip('.'), used)}"
+            f"binding {display(key)} is read by nothing: {part} is not part of this run (the "
+            f"parts built: {', '.join(sorted(used)[:12])}, ...).{suggest(part, used)}"
         )
     return errors
 
