@@ -42,6 +42,7 @@ from dfqkit.build import build_run
 from dfqkit.engine import Phase
 from dfqkit.evaluate import evaluate
 from dfqkit.generators.base import synthesize
+from dfqkit.optional import require
 from dfqkit.phases import noise_batch
 from dfqkit.quant import act_quantizers, set_quant_mode
 from dfqkit.run import Run
@@ -257,10 +258,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", extra="plots", purpose="the results plot")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", extra="plots", purpose="the results plot")
 
     labels = [f"{Path(r['recipe']).stem}" for r in rows]
     x = range(len(rows))

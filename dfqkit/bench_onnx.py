@@ -27,16 +27,19 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 from dfqkit.data import mnist5k
 from dfqkit.export_onnx import export_model_onnx
 from dfqkit.models import mnist_resnet
+from dfqkit.optional import require
 from dfqkit.quant import QuantConfig, quantize_, set_quant_mode
 
 MODELS = ("mnist_resnet8", "resnet18")
@@ -82,7 +85,12 @@ def export_float(model: nn.Module, example: torch.Tensor, out: Path) -> Path:
     return out
 
 
+def _onnxruntime():
+    return require("onnxruntime", extra="onnx", purpose="the ONNX benchmark")
+
+
 def session(path: Path, threads: int, *, qdq_rewrites: bool = True) -> ort.InferenceSession:
+    ort = _onnxruntime()
     """A CPU session with ``threads`` intra-op threads (and one inter-op thread)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -187,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         zoo=args.zoo,
     )
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    print(f"onnxruntime {ort.__version__}, {args.threads} thread(s)")
+    print(f"onnxruntime {_onnxruntime().__version__}, {args.threads} thread(s)")
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for row in rows:

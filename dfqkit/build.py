@@ -184,6 +184,7 @@ def build_run(
             "dfqkit",
             config={"recipe": recipe, "seed": seed, "epochs": epochs, "batch_size": batch_size},
         )
+        _check_trackers(acc, log_with)
     mixer = NoMixer() if mixer is None else mixer
     teacher, student, generator, mixer, example = _models(
         acc, teacher, data, generator, mixer, losses, quant, schedule
@@ -371,6 +372,20 @@ def resolve_trackers(trackers: Sequence[str] | str | None) -> list[str]:
             f"{sorted(LOGGER_TYPE_TO_CLASS)}"
         )
     return names
+
+
+def _check_trackers(acc: Accelerator, wanted: list[str]) -> None:
+    """A tracker that was asked for but did not start (Accelerate drops one whose package is
+    missing, with a warning) is an error."""
+    if not acc.is_main_process:
+        return
+    started = {getattr(t, "name", "") for t in acc.trackers}
+    missing = [name for name in wanted if name not in started]
+    if missing:
+        raise ConfigError(
+            f"train.trackers = {wanted}: {', '.join(missing)} could not start (is its package "
+            f"installed? pip install {' '.join(missing)}); or set train.trackers = None"
+        )
 
 
 def _freeze_unused(generator: nn.Module, mixer: nn.Module, device: torch.device) -> None:

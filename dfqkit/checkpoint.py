@@ -47,7 +47,8 @@ class TrainState:
         self.train_seconds = 0.0
         self.history: list[dict[str, Any]] = []
         self.reference: dict[str, Any] = {}  # teacher / naive accuracies, computed once
-        self.best: dict[str, Any] | None = None
+        self.best: dict[str, Any] | None = None  # the selected evaluation (headline fields)
+        self.calibrated: dict[str, Any] | None = None  # the student before its first step
         self.evals_since_best = 0
         self.skipped_steps: dict[str, int] = {}  # non-finite steps skipped, per optimizer side
         self.units_done = 0  # units of a post-training reconstruction finished (dfqkit.ptq)

@@ -29,6 +29,7 @@ import torch
 
 from dfqkit import config as cfg
 from dfqkit.generators.base import synthesize
+from dfqkit.optional import require
 from dfqkit.rundir import load_run
 from dfqkit.taps import Taps
 
@@ -115,16 +116,27 @@ def diagnose_run(run_dir: Path, *, batches: int, batch_size: int | None) -> dict
     }
 
 
-def _plot(results: Sequence[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+def run_labels(runs: Sequence[str]) -> list[str]:
+    """Each run's label: its directory's name, with as many parent directories as it takes to
+    tell the runs apart (``seed0`` alone is ambiguous: ``mnist_gdfq_w4a4/seed0``)."""
+    paths = [Path(r) for r in runs]
+    for depth in range(1, max((len(p.parts) for p in paths), default=1) + 1):
+        labels = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
 
+
+def _plot(results: Sequence[dict[str, Any]], path: Path) -> None:
+    matplotlib = require("matplotlib", extra="plots", purpose="the diagnostic plot")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = require("matplotlib.pyplot", extra="plots", purpose="the diagnostic plot")
 
     n_layers = len(results[0]["real"]["layers"])
     cols = min(4, n_layers)
     rows = -(-n_layers // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    labels = run_labels([res["run"] for res in results])
     for layer in range(n_layers):
         ax = axes[layer // cols][layer % cols]
         real = results[0]["real"]["layers"][layer]
@@ -140,9 +152,8 @@ def _plot(results: Sequence[dict[str, Any]], path: Path) -> None:
             color="k",
             label=f"real (κ={real['kurtosis']:.1f})",
         )
-        for res in results:
+        for res, name in zip(results, labels, strict=True):
             syn = res["synthetic"]["layers"][layer]
-            name = Path(res["run"]).parent.name
             ax.hist(
                 syn["values"].numpy(),
                 bins=bins,

@@ -113,16 +113,32 @@ class Engine:
         gen = getattr(self.generator, "module", self.generator)
         return bool(gen.trainable and self.gen_losses and self.gen_opt is not None)
 
-    def _accumulate(self, key: str, value: torch.Tensor) -> None:
+    def _accumulate(self, key: str, value: torch.Tensor, count: torch.Tensor | None = None) -> None:
+        """Add ``value`` (a sum over ``count`` items; default one item) to the epoch's mean of
+        ``key``; a non-finite value is left out."""
         value = value.detach().float()
         finite = torch.isfinite(value)
         value = torch.where(finite, value, 0.0)
+        count = finite.float() if count is None else torch.where(finite, count.float(), 0.0)
         if key in self.loss_sums:
             self.loss_sums[key] += value
-            self.loss_counts[key] += finite
+            self.loss_counts[key] += count
         else:
             self.loss_sums[key] = value.clone()
-            self.loss_counts[key] = finite.long()
+            self.loss_counts[key] = count.clone()
+
+    @torch.no_grad()
+    def _sigma_stats(self, mix: dict) -> None:
+        """The mixing coefficients σ ``(b, c)`` of the mixed samples (``mix["mixed"]``): their
+        mean entropy and mean largest coefficient (accumulated on the device)."""
+        sigma = mix["sigma"].detach().float()
+        mixed = mix.get("mixed")
+        mixed = torch.ones(sigma.shape[0], device=sigma.device) if mixed is None else mixed.float()
+        entropy = -(sigma * sigma.clamp_min(1e-12).log()).sum(1)
+        n = mixed.sum()
+        self._accumulate("mixer/sigma_entropy", (entropy * mixed).sum(), n)
+        self._accumulate("mixer/sigma_max", (sigma.amax(1) * mixed).sum(), n)
+        self._accumulate("mixer/mixed_fraction", n, torch.full_like(n, len(mixed)))
 
     def pop_loss_means(self) -> dict[str, float]:
         """Mean of each loss over its finite values since the last call (NaN if none was
@@ -132,7 +148,7 @@ class Engine:
         keys = list(self.loss_sums)
         sums = torch.stack([self.loss_sums[k] for k in keys])
         counts = torch.stack([self.loss_counts[k] for k in keys])
-        means = torch.where(counts > 0, sums / counts.clamp(min=1), float("nan")).tolist()
+        means = torch.where(counts > 0, sums / counts.clamp(min=1e-12), float("nan")).tolist()
         self.loss_sums, self.loss_counts = {}, {}
         return dict(zip(keys, means, strict=True))
 
@@ -144,7 +160,7 @@ class Engine:
         total = None
         for loss in losses:
             value = loss(step)
-            self._accumulate(f"loss/{prefix}/{loss.name}", value)
+            self._accumulate(f"{prefix}/{loss.name}", value)
             total = value if total is None else total + value
         return total
 
@@ -170,6 +186,8 @@ class Engine:
         with acc.autocast():
             with torch.set_grad_enabled(train_gen):
                 batch = synthesize(self.generator, self.mixer, self.batch_size, acc.device)
+                if "sigma" in batch.mix:
+                    self._sigma_stats(batch.mix)
                 with self.teacher_taps:
                     teacher_logits = self.teacher(batch.images)
                 teacher_taps = self.teacher_taps.collect()
@@ -187,7 +205,7 @@ class Engine:
                     gen_loss = self._total(self.gen_losses, step, "gen")
                     aux = self.mixer_module.aux_loss(step)
                     if aux is not None:
-                        self._accumulate(f"loss/gen/{type(self.mixer_module).__name__}", aux)
+                        self._accumulate(f"gen/{type(self.mixer_module).__name__}", aux)
                         gen_loss = gen_loss + aux
         if train_gen:
             self.gen_opt.zero_grad(set_to_none=True)

@@ -10,6 +10,7 @@ The command lines print these as one line (``--debug`` shows the traceback):
 * :class:`NonFiniteLossError` — too many steps in a row had a non-finite loss: the run stopped
   after its last complete checkpoint. Exit code 3.
 * :class:`RegistryError` — an unknown component kind or name, or a duplicate registration.
+* :class:`MissingDependency` — an optional package is missing; names the extra to install.
 """
 
 from __future__ import annotations
@@ -28,8 +29,23 @@ class NonFiniteLossError(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient: the run is stopped."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the run directory and its last complete checkpoint, to say how
+    to resume."""
+
+    def __init__(self, output_dir, last_checkpoint) -> None:
+        super().__init__(str(output_dir))
+        self.output_dir = output_dir
+        self.last_checkpoint = last_checkpoint
+
+
 class RegistryError(KeyError):
     """Unknown kind, unknown name or duplicate registration."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class MissingDependency(ImportError):
+    """An optional package that a feature needs is not installed; the message names the extra
+    to install (``pip install 'dfqkit[onnx]'``)."""

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from dfqkit.export_onnx_graph import finalize_onnx
+from dfqkit.optional import require
 from dfqkit.quant import ActQuantizer, set_quant_mode
 from dfqkit.quant.codes import onnx_grid, weight_codes
 from dfqkit.quant.functional import _ONNX_EXPORT
@@ -131,6 +132,7 @@ def export_model_onnx(
     Raises:
         ValueError: A quantized tensor has no exact ONNX representation (the message names it).
     """
+    require("onnx", extra="onnx", purpose="ONNX export")
     model = model.cpu().eval()
     set_quant_mode(model, "frozen")
     layers = {

@@ -25,8 +25,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
+
+try:
+    import onnx
+    from onnx import numpy_helper
+except ImportError:  # without the [onnx] extra, the export says so when it is asked for
+    onnx = numpy_helper = None
 
 #: ops whose semantics (not only their type lists) changed between opset 17 and 21
 _CHANGED_BY_OPSET_21 = frozenset({"GroupNormalization"})

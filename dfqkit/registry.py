@@ -42,8 +42,11 @@ class Entry:
 
     @property
     def summary(self) -> str:
-        doc = inspect.getdoc(self.obj) or ""
-        return doc.strip().splitlines()[0] if doc.strip() else "(no description)"
+        """The first line of the component's own docstring (never one inherited from a base
+        class, which would describe the base)."""
+        own = vars(self.obj).get("__doc__") if inspect.isclass(self.obj) else self.obj.__doc__
+        doc = inspect.cleandoc(own) if isinstance(own, str) else ""
+        return doc.splitlines()[0] if doc else "(no description)"
 
 
 _REGISTRY: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}

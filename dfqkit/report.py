@@ -64,11 +64,26 @@ def log_media(acc, teacher: nn.Module, batch: SynthBatch | None, data, step: int
 
 
 def summarize(state, *, recipe: str, seed: int, quant, resumed_from: int | None) -> dict[str, Any]:
-    """The ``metrics.json`` content (docs/training.md names these fields; scripts rely on them)."""
-    history = state.history
-    last = history[-1] if history else {}
-    last5 = [h["test_top1"] for h in history[-5:]]
+    """The ``metrics.json`` content (docs/training.md names these fields; scripts rely on them).
+
+    ``best`` is the selected evaluation (the best validation top-1 among the epochs that
+    trained the student; a run that never trains it reports its latest evaluation);
+    ``calibrated`` is the student after calibration, before any student step (``None`` when
+    the run trains the student from the start or was never evaluated then)."""
+    evaluated = [h for h in state.history if "test_top1" in h]
+    last = evaluated[-1] if evaluated else {}
+    last5 = [h["test_top1"] for h in evaluated[-5:]]
     nan = math.nan
+
+    def headline(record: dict[str, Any] | None) -> dict[str, Any] | None:
+        if record is None:
+            return None
+        return {
+            "epoch": record["epoch"],
+            "val_top1": record["val_top1"],
+            "test_top1": record["test_top1"],
+        }
+
     return {
         "recipe": recipe,
         "seed": seed,
@@ -79,11 +94,8 @@ def summarize(state, *, recipe: str, seed: int, quant, resumed_from: int | None)
             "test_top1": state.reference["naive"]["top1"],
             "test_agree": state.reference["naive"].get("agree", nan),
         },
-        "best": {
-            "epoch": state.best["epoch"] if state.best else None,
-            "val_top1": state.best["val_top1"] if state.best else nan,
-            "test_top1": state.best["test_top1"] if state.best else nan,
-        },
+        "calibrated": headline(getattr(state, "calibrated", None)),
+        "best": headline(state.best) or {"epoch": None, "val_top1": nan, "test_top1": nan},
         "last": {"epoch": last.get("epoch"), "test_top1": last.get("test_top1", nan)},
         "last5": {"test_top1": statistics.fmean(last5) if last5 else nan},
         "resumed_from_epoch": resumed_from,
@@ -92,5 +104,5 @@ def summarize(state, *, recipe: str, seed: int, quant, resumed_from: int | None)
         "skipped_steps": dict(getattr(state, "skipped_steps", {})),
         "ms_per_iter": 1000 * state.train_seconds / max(state.iterations, 1),
         "time_s": state.train_seconds,
-        "history": history,
+        "history": state.history,
     }

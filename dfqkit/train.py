@@ -37,15 +37,46 @@ from dfqkit import checkpoint as ckpt
 from dfqkit import config as cfg
 from dfqkit import rundir
 from dfqkit.engine import Phase
-from dfqkit.errors import ConfigError, NonFiniteLossError, SetupError
+from dfqkit.errors import ConfigError, NonFiniteLossError, RunInterrupted, SetupError
 from dfqkit.evaluate import evaluate
 from dfqkit.phases import noise_batch
-from dfqkit.quant import quantize_, set_quant_mode, sync_quantizers
+from dfqkit.quant import clip_bounds, quantize_, set_quant_mode, sync_quantizers
 from dfqkit.recipes import describe as describe_recipe
 from dfqkit.report import log_media, save_samples, summarize
 from dfqkit.run import Run
 
 logger = get_logger(__name__)
+
+
+def _launched_processes() -> int | None:
+    """The ``--num_processes`` that ``accelerate launch`` (our parent process) was given, or
+    ``None`` (read from the parent's command line; Linux only)."""
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    args = [a.decode(errors="replace") for a in argv if a]
+    if "launch" not in args or not any("accelerate" in a for a in args[:3]):
+        return None
+    for i, a in enumerate(args):
+        if a == "--num_processes" and i + 1 < len(args) and args[i + 1].isdigit():
+            return int(args[i + 1])
+        if a.startswith("--num_processes="):
+            return int(a.split("=", 1)[1]) if a.split("=", 1)[1].isdigit() else None
+    return None
+
+
+def _check_launch() -> None:
+    """``accelerate launch --num_processes N --cpu`` starts one process (Accelerate 1.x): say
+    so at start-up instead of silently running on one."""
+    asked = _launched_processes()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if asked and asked > world:
+        logging.getLogger(__name__).warning(
+            f"accelerate launch was asked for {asked} processes but started {world}; on CPUs "
+            f"Accelerate runs one process: use torchrun --nproc_per_node {asked} -m "
+            "dfqkit.train ... for several (docs/training.md, 'Several processes')"
+        )
 
 
 def run(
@@ -66,7 +97,11 @@ def run(
     line; a failure inside the loop keeps its traceback.
     """
     built, resumed_from = start_run(gin_files, gin_params, output_dir=output_dir, resume=resume)
-    return fit(built, resumed_from=resumed_from)
+    try:
+        return fit(built, resumed_from=resumed_from)
+    except KeyboardInterrupt as err:
+        last = ckpt.latest_checkpoint(built.output_dir)
+        raise RunInterrupted(built.output_dir, last) from err
 
 
 def start_run(
@@ -81,6 +116,7 @@ def start_run(
     """Open the run directory, build the :class:`Run`, restore its last checkpoint (with
     ``resume``) and compute the reference accuracies; returns the run and the epoch it resumed
     from (``None``: a fresh start)."""
+    _check_launch()
     opened = rundir.open_run(
         gin_files, gin_params, output_dir=output_dir, resume=resume, recipe=recipe, trusted=trusted
     )
@@ -148,17 +184,20 @@ def fit(run: Run, *, resumed_from: int | None = None) -> dict[str, Any]:
         patience = schedule.early_stopping_patience
         if patience is not None and state.evals_since_best >= patience:
             break
-        scalars = _train_epoch(run, epoch)
+        losses = _train_epoch(run, epoch)
         _check_nonfinite(run, epoch + 1)
-        state.epochs_done = epoch + 1
+        state.epochs_done = done = epoch + 1
+        record = _epoch_record(run, losses)
+        scalars = {f"loss/{k}": v for k, v in losses.items()}
         improved = False
-        done = state.epochs_done
         if run.calibration.ready(done) and (
             done % schedule.eval_every == 0 or done == schedule.epochs
         ):
-            improved = _evaluate_epoch(run, scalars)
+            improved = _evaluate_epoch(run, record)
             _save_media(run)
-        acc.log(scalars, step=done)
+        state.history.append(record)
+        _log_epoch(run, record)
+        acc.log({**scalars, **_record_scalars(record)}, step=done)
         path = ckpt.save_checkpoint(acc, run.output_dir, done, keep=schedule.checkpoint_keep)
         if improved:
             ckpt.save_best(acc, run.output_dir, path)
@@ -176,6 +215,47 @@ def fit(run: Run, *, resumed_from: int | None = None) -> dict[str, Any]:
     metrics["output_dir"] = str(run.output_dir)
     metrics["main_process"] = acc.is_main_process
     return metrics
+
+
+def _epoch_record(run: Run, losses: dict[str, float]) -> dict[str, Any]:
+    """The epoch's history entry before evaluation: its phase, the mean of every loss, the
+    mixer's statistics and the learned clip bounds."""
+    done = run.state.epochs_done
+    trained = run.schedule.trains_student and done > run.schedule.warmup_epochs
+    record: dict[str, Any] = {"epoch": done, "phase": "training" if trained else "calibration"}
+    record["losses"] = {k: v for k, v in losses.items() if not k.startswith("mixer/")}
+    mixer = {k.removeprefix("mixer/"): v for k, v in losses.items() if k.startswith("mixer/")}
+    if mixer:
+        record["mixer"] = mixer
+    clips = clip_bounds(run.student_module)
+    if clips:
+        record["clips"] = clips
+    return record
+
+
+def _record_scalars(record: dict[str, Any]) -> dict[str, float]:
+    out = {f"mixer/{k}": v for k, v in record.get("mixer", {}).items()}
+    for i, (lo, hi) in enumerate(zip(*record.get("clips", {}).values(), strict=False)):
+        out[f"clip/{i:02d}/lo"], out[f"clip/{i:02d}/hi"] = lo, hi
+    if "val_top1" in record:
+        out.update({"eval/val_top1": record["val_top1"], "eval/test_top1": record["test_top1"]})
+    return out
+
+
+def _log_epoch(run: Run, record: dict[str, Any]) -> None:
+    state = run.state
+    head = f"epoch {record['epoch']} [{record['phase']}"
+    head += "]" if record["phase"] == "training" else ": no student step yet]"
+    parts = [head]
+    if "val_top1" in record:
+        best = state.best
+        where = f"best val {best['val_top1']:.2f} @ {best['epoch']}" if best else "no best yet"
+        parts.append(f"val {record['val_top1']:.2f} test {record['test_top1']:.2f} ({where})")
+    if record["losses"]:
+        parts.append(" ".join(f"{k} {v:.4g}" for k, v in record["losses"].items()))
+    if "mixer" in record:
+        parts.append(" ".join(f"{k} {v:.3g}" for k, v in record["mixer"].items()))
+    logger.info(" | ".join(parts), main_process_only=True)
 
 
 def _train_epoch(run: Run, epoch: int) -> dict[str, float]:
@@ -236,9 +316,11 @@ def _check_nonfinite(run: Run, epoch: int) -> None:
         )
 
 
-def _evaluate_epoch(run: Run, scalars: dict[str, float]) -> bool:
-    """Evaluate the student on val and test, record it in the history and in ``scalars``;
-    returns whether the validation top-1 improved on the best so far."""
+def _evaluate_epoch(run: Run, record: dict[str, Any]) -> bool:
+    """Evaluate the student on val and test into ``record``; returns whether it is the new
+    best. A run that trains the student selects among the epochs that trained it (the
+    calibrated student before the first step is kept as ``state.calibrated``, reported apart);
+    a run that never trains it (PTQ) has no selection: its latest evaluation is the best."""
     state, acc = run.state, run.accelerator
     model = run.student_module
     set_quant_mode(model, "frozen")  # real evaluation images must not move observed ranges
@@ -246,26 +328,30 @@ def _evaluate_epoch(run: Run, scalars: dict[str, float]) -> bool:
     test = evaluate(
         model, run.loaders["test"], teacher=run.teacher, device=run.device, accelerator=acc
     )
-    record = {
-        "epoch": state.epochs_done,
-        "val_top1": val["top1"],
-        "test_top1": test["top1"],
-        "test_top5": test["top5"],
-        "test_agree": test["agree"],
-    }
-    state.history.append(record)
-    improved = state.best is None or record["val_top1"] > state.best["val_top1"]
+    record.update(
+        val_top1=val["top1"],
+        test_top1=test["top1"],
+        test_top5=test["top5"],
+        test_agree=test["agree"],
+    )
+    if record["phase"] == "calibration" and run.schedule.trains_student:
+        state.calibrated = _headline(record)
+        return False
+    improved = (
+        not run.schedule.trains_student
+        or state.best is None
+        or record["val_top1"] > state.best["val_top1"]
+    )
     if improved:
-        state.best, state.evals_since_best = record, 0
+        state.best, state.evals_since_best = _headline(record), 0
     else:
         state.evals_since_best += 1
-    logger.info(
-        f"epoch {state.epochs_done}: val {val['top1']:.2f} test {test['top1']:.2f} "
-        f"(best val {state.best['val_top1']:.2f} @ {state.best['epoch']})",
-        main_process_only=True,
-    )
-    scalars.update({"eval/val_top1": val["top1"], "eval/test_top1": test["top1"]})
     return improved
+
+
+def _headline(record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("epoch", "phase", "val_top1", "test_top1", "test_top5", "test_agree", "stage")
+    return {k: record[k] for k in keys if k in record}
 
 
 def _save_media(run: Run) -> None:
@@ -295,11 +381,16 @@ def _post_training(run: Run) -> None:
         )
         last = state.units_done == len(units)
         if last:
-            scalars: dict[str, float] = {}
-            _evaluate_epoch(run, scalars)
-            state.history[-1]["stage"] = "reconstructed"
-            state.best, state.evals_since_best = state.history[-1], 0
-            acc.log(scalars, step=state.epochs_done + 1)
+            record = {
+                "epoch": state.epochs_done,
+                "phase": "reconstructed",
+                "stage": "reconstructed",
+            }
+            _evaluate_epoch(run, record)
+            state.history.append(record)
+            state.best, state.evals_since_best = _headline(record), 0
+            _log_epoch(run, record)
+            acc.log(_record_scalars(record), step=state.epochs_done + 1)
         path = ckpt.save_checkpoint(
             acc, run.output_dir, state.epochs_done, keep=run.schedule.checkpoint_keep, unit=i + 1
         )
@@ -324,6 +415,23 @@ def _process_report(run: Run) -> dict[str, Any]:
         "identical_student": bool((rows[:, :2] == rows[0, :2]).all()),
         "latent_sums": rows[:, 2].tolist(),
     }
+
+
+def _interrupted(err: KeyboardInterrupt, output_dir: str | None) -> str:
+    """One line for Ctrl-C: what is kept and the command that resumes."""
+    if not isinstance(err, RunInterrupted):
+        return "interrupted before training started" + (
+            f"; start again, or resume with: python -m dfqkit.train --resume --output_dir "
+            f"{output_dir}"
+            if output_dir
+            else ""
+        )
+    last = err.last_checkpoint
+    kept = f"the last complete checkpoint is {last.name}" if last else "no epoch was complete"
+    return (
+        f"interrupted; {kept}; resume with: python -m dfqkit.train --resume --output_dir "
+        f"{err.output_dir}"
+    )
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.train") -> int:
@@ -378,6 +486,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.train") -> in
             raise
         print(f"{prog}: stopped: {cfg.one_line(err)}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt as err:
+        if args.debug:
+            raise
+        print(f"{prog}: {_interrupted(err, args.output_dir)}", file=sys.stderr)
+        return 130
     m = metrics
     if m.get("main_process", True) and not math.isnan(m["best"]["test_top1"]):
         print(

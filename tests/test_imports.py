@@ -9,7 +9,13 @@ import dfqkit
 ROOT = Path(dfqkit.__file__).parent
 COMPONENTS = ("models", "generators", "mixers", "losses", "quant", "ptq", "data")
 #: what a component may import besides other components
-COMPONENT_MAY_IMPORT = {"dfqkit.errors", "dfqkit.registry", "dfqkit.step", "dfqkit.taps"}
+COMPONENT_MAY_IMPORT = {
+    "dfqkit.errors",
+    "dfqkit.optional",
+    "dfqkit.registry",
+    "dfqkit.step",
+    "dfqkit.taps",
+}
 #: imports inside functions, each with its reason (none may dodge a cycle)
 DEFERRED_ALLOWED = {
     ("dfqkit", "dfqkit.api"): "dfqkit.quantize is loaded on first use: `import dfqkit` is cheap",

@@ -6,6 +6,7 @@ import torch
 
 from dfqkit.data.eval_data import EvalData, TensorImageDataset, data_factory
 from dfqkit.data.stratified_split import stratified_split
+from dfqkit.optional import require
 
 # Mean and std of all 1,797 images after scaling 0..16 to [0, 1].
 MEAN = 0.3053
@@ -27,15 +28,10 @@ def digits(*, seed: int = 0) -> EvalData:
         EvalData of in-memory ``(1, 8, 8)`` images.
 
     Raises:
-        ImportError: scikit-learn is not installed.
+        MissingDependency: scikit-learn is not installed.
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as err:
-        raise ImportError(
-            "data.digits needs scikit-learn; install it with `pip install scikit-learn`"
-        ) from err
-    x, y = load_digits(return_X_y=True)
+    datasets = require("sklearn.datasets", extra="test", purpose="data.digits")
+    x, y = datasets.load_digits(return_X_y=True)
     images = ((torch.from_numpy(x).float() / 16.0 - MEAN) / STD).reshape(-1, 1, 8, 8)
     labels = torch.from_numpy(y).long()
     train, val, test = (

@@ -211,7 +211,7 @@ class MultiLayerAttentionMixer(Mixer):
             labels=targets.detach().argmax(1),
             targets=targets,
             cond=self.to_cond(g),
-            mix={"classes": classes, "sigma": sigma},
+            mix={"classes": classes, "sigma": sigma, "mixed": mask[:, 1:].any(1)},
         )
 
     # ---- the level classifiers' own loss

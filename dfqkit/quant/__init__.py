@@ -9,7 +9,13 @@ from dfqkit.quant.act_ema import EMAActQuantizer
 from dfqkit.quant.act_learnable import LearnableClipActQuantizer, learnable_fake_quant
 from dfqkit.quant.act_lsq import LSQActQuantizer
 from dfqkit.quant.act_minmax import MinMaxActQuantizer
-from dfqkit.quant.api import act_quantizers, quantize_, set_quant_mode, sync_quantizers
+from dfqkit.quant.api import (
+    act_quantizers,
+    clip_bounds,
+    quantize_,
+    set_quant_mode,
+    sync_quantizers,
+)
 from dfqkit.quant.config import QuantConfig
 from dfqkit.quant.functional import fake_quant, minmax_qparams, quantize_codes
 from dfqkit.quant.modules import QuantConv2d, QuantLinear
@@ -33,6 +39,7 @@ __all__ = [
     "QuantLinear",
     "SymmetricWeightQuantizer",
     "act_quantizers",
+    "clip_bounds",
     "fake_quant",
     "learnable_fake_quant",
     "minmax_qparams",

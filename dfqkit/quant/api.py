@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from dfqkit.quant.act_base import ActQuantizer, check_mode
@@ -107,3 +108,15 @@ def sync_quantizers(model: nn.Module) -> None:
     """All-reduce every activation quantizer's range across processes (no-op when single)."""
     for quantizer in act_quantizers(model):
         quantizer.sync_()
+
+
+def clip_bounds(model: nn.Module) -> dict[str, list[float]]:
+    """The learned clip range ``[lo, hi]`` of every activation quantizer whose range is a
+    parameter (``param_group``: learnable clips), in module order: ``{"lo": [...], "hi":
+    [...]}``, empty when there is none (one host read)."""
+    learned = [q for q in act_quantizers(model) if getattr(q, "param_group", None)]
+    if not learned:
+        return {}
+    values = torch.stack([torch.stack([q.lo.detach(), q.hi.detach()]) for q in learned])
+    lo, hi = values.float().cpu().T.tolist()
+    return {"lo": lo, "hi": hi}
