@@ -31,7 +31,19 @@ import dfqkit.optim  # noqa: F401  (gin-registers optimizers beyond torch.optim)
 from dfqkit import bindings, registry
 from dfqkit.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shipped_root() -> Path:
+    """Where ``gin/`` and ``recipes/`` are: the source tree (a checkout, or an editable
+    install), else the copies a wheel ships inside the package (``dfqkit/_shipped``)."""
+    source = Path(__file__).resolve().parents[1]
+    if (source / "gin" / "base.gin").is_file() and (source / "recipes").is_dir():
+        return source
+    return Path(__file__).resolve().parent / "_shipped"
+
+
+#: the directory holding ``gin/`` and ``recipes/`` (searched last for gin files)
+REPO_ROOT = _shipped_root()
 STANDARD_MACROS = ("W_BITS", "A_BITS", "SEED", "EPOCHS", "ITERS_PER_EPOCH", "BATCH_SIZE")
 
 
