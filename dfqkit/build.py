@@ -79,6 +79,7 @@ def build_run(
     max_nonfinite_in_a_row: int = 20,
     deterministic: bool = False,
     perturbation_eps: float = 0.0,
+    observe_in_both_steps: bool = False,
     reconstruction: Any | None = None,
     recipe: str = "",
     output_dir: str | Path,
@@ -129,6 +130,9 @@ def build_run(
             it (docs/training.md, "Determinism").
         perturbation_eps: HAST's one-step perturbed sample in the student step (0: off;
             :class:`~dfqkit.phases.OneStepPerturbation`).
+        observe_in_both_steps: while ranges are observed, observe each batch in the student's
+            forward of the generator step *and* in the observing forward (AdaSG/AdaDFQ's
+            released code: two range updates per calibration iteration).
         reconstruction: a post-training stage run after the last epoch, unit by unit, with a
             checkpoint after each (``@ptq.BlockReconstruction()``, Genie-M); its result is
             reported as both best and last. Needs ``warmup_epochs >= epochs``.
@@ -214,6 +218,7 @@ def build_run(
         batch_size=batch_size,
         example=example,
         perturbation=OneStepPerturbation(perturbation_eps) if perturbation_eps > 0 else None,
+        observe_twice=observe_in_both_steps,
     )
     return Run(
         output_dir=out,

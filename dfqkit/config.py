@@ -32,7 +32,6 @@ from dfqkit import bindings, registry
 from dfqkit.errors import ConfigError
 
 
-
 def _shipped_root() -> Path:
     """Where ``gin/`` and ``recipes/`` are: the source tree (a checkout, or an editable
     install), else the copies a wheel ships inside the package (``dfqkit/_shipped``)."""

@@ -64,6 +64,7 @@ class Engine:
         batch_size: int,
         example: torch.Tensor | None = None,
         perturbation: Callable | None = None,
+        observe_twice: bool = False,
     ) -> None:
         self.acc = accelerator
         # a loss of weight 0 is switched off: not computed, and its taps are not installed
@@ -102,11 +103,21 @@ class Engine:
         # scaler already skips overflowing gradients, so only the loss is checked then
         check_grads = getattr(accelerator, "scaler", None) is None
         reduce = _min_over_processes if accelerator.num_processes > 1 else None
+        # a skipped step also puts back the buffers its forward changed: the generator's BN
+        # statistics (and the student's ranges when it runs in the generator step), the
+        # student's observed ranges
+        gen_modules = [generator, mixer_module] + ([student] if self.student_in_gen_step else [])
         self.guards = {
-            side: StepGuard(opt, accelerator.device, check_grads=check_grads, reduce=reduce)
-            for side, opt in (("generator", generator_optimizer), ("student", student_optimizer))
+            side: StepGuard(
+                opt, accelerator.device, check_grads=check_grads, reduce=reduce, modules=modules
+            )  # fmt: skip
+            for side, opt, modules in (
+                ("generator", generator_optimizer, gen_modules),
+                ("student", student_optimizer, [student]),
+            )
             if opt is not None
         }
+        self.observe_twice = bool(observe_twice)
 
     @property
     def generator_trains(self) -> bool:
@@ -183,6 +194,8 @@ class Engine:
         acc = self.acc
         train_gen = phase.generator and self.generator_trains
         self._mark(marks)
+        if train_gen:
+            self.guards["generator"].begin()
         with acc.autocast():
             with torch.set_grad_enabled(train_gen):
                 batch = synthesize(self.generator, self.mixer, self.batch_size, acc.device)
@@ -231,6 +244,7 @@ class Engine:
                     self, batch, teacher_logits, teacher_taps, epoch
                 )
                 scale = self.perturbation.loss_scale
+            self.guards["student"].begin()
             with acc.autocast(), self.student_taps:
                 student_logits = self.student(batch.images)
                 step = Step(
@@ -247,7 +261,7 @@ class Engine:
             self.student_opt.zero_grad(set_to_none=True)
             acc.backward(student_loss)
             self.guards["student"].step(student_loss)
-        elif phase.observe and not (train_gen and self.student_in_gen_step):
+        elif phase.observe and (self.observe_twice or not (train_gen and self.student_in_gen_step)):
             # (a generator step that ran the student has observed this batch already)
             with torch.no_grad(), acc.autocast():
                 self.student(batch.images)

@@ -39,6 +39,9 @@ class StepGuard:
             skips overflowing steps itself and would otherwise be counted here).
         reduce: a callable that takes the local 0-dim float ``ok`` and returns its minimum over
             processes (several processes must skip the same steps), or ``None``.
+        modules: modules whose buffers the step's forward changes (BN running statistics,
+            observed activation ranges): :meth:`begin`, called before that forward, keeps a
+            copy, and a skipped step puts it back too.
     """
 
     def __init__(
@@ -48,8 +51,11 @@ class StepGuard:
         *,
         check_grads: bool = True,
         reduce=None,
+        modules: list[nn.Module] = (),
     ) -> None:
         self.optimizer = optimizer
+        self.module_buffers = [b for m in modules for b in m.buffers()]
+        self._buffer_copies: list[torch.Tensor] = []
         self.inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
         self.check_grads = check_grads
         self.reduce = reduce
@@ -68,6 +74,14 @@ class StepGuard:
                 bufs[i] = torch.empty_like(t)
         self._buffers = bufs
         return bufs
+
+    def begin(self) -> None:
+        """Before the step's forward: copy the modules' buffers (into storage allocated once)."""
+        if not self.module_buffers:
+            return
+        if len(self._buffer_copies) != len(self.module_buffers):
+            self._buffer_copies = [torch.empty_like(b) for b in self.module_buffers]
+        torch._foreach_copy_(self._buffer_copies, self.module_buffers)
 
     def _params(self) -> list[nn.Parameter]:
         return [p for g in self.inner.param_groups for p in g["params"] if p.grad is not None]
@@ -102,6 +116,9 @@ class StepGuard:
         with torch.no_grad():
             for t, old in zip(live, snapshot, strict=True):
                 torch.where(ok, t, old, out=t)
+            if self._buffer_copies:  # buffers the forward changed (begin() kept them)
+                for t, old in zip(self.module_buffers, self._buffer_copies, strict=True):
+                    torch.where(ok, t, old, out=t)
             for p in fresh:
                 # lazily created state (Adam's moments, SGD's momentum buffer): put back as zeros,
                 # which the next real step treats exactly like a fresh start

@@ -255,8 +255,11 @@ class Taps:
         self._handles.clear()
 
 
-def detach_taps(values: list) -> list:
-    """A recording of one tap (tensors or ``(tensor, module)`` pairs), detached."""
+def detach_taps(values: Any) -> Any:
+    """A recording of one tap (tensors or ``(tensor, module)`` pairs, or the ``stages`` dict of
+    lists), detached."""
+    if isinstance(values, dict):
+        return {k: detach_taps(v) for k, v in values.items()}
     out = []
     for v in values:
         if isinstance(v, tuple):

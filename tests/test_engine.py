@@ -24,7 +24,7 @@ def _teacher():
     ).eval()
 
 
-def _engine(losses=None):
+def _engine(losses=None, **kwargs):
     teacher = _teacher().requires_grad_(False)
     student = (
         quantize_(_teacher(), QuantConfig(w_bits=4, a_bits=4), torch.zeros(2, 1, 8, 8))
@@ -44,6 +44,7 @@ def _engine(losses=None):
         generator_optimizer=torch.optim.Adam(gen.parameters(), lr=1e-2),
         student_optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
         batch_size=6,
+        **kwargs,
     )
     return engine, teacher, student, gen
 
@@ -183,3 +184,44 @@ def test_block_attention_tap_and_feature_attention_loss():
     step = Step(one, None, None, teacher_taps={"block_attention": t},
                 student_taps={"block_attention": s})  # fmt: skip
     assert float(FeatureAttentionLoss(weight=10.0)(step)) == pytest.approx(10 * (1 + 1) / 2)
+
+
+def test_adasg_as_released_observes_each_calibration_batch_twice():
+    from dfqkit.losses import AdaptiveMarginLoss, DifferenceEntropyLoss
+
+    losses = [AdaptiveMarginLoss(), DifferenceEntropyLoss()]
+    engine, _, student, _ = _engine(losses, observe_twice=True)
+    set_quant_mode(student, "observe")
+    engine.iteration(Phase(generator=True, observe=True, student=False), epoch=0)
+    assert all(int(q.num_updates) == 2 for q in act_quantizers(student))
+
+
+def test_a_student_side_loss_may_read_the_stages_tap():
+    from dfqkit.losses.base import Loss
+    from dfqkit.models.mnist_resnet import mnist_resnet
+
+    class StageMatch(Loss):
+        """Student side; reads the teacher's pooled stage features."""
+
+        default_side = "student"
+        needs = frozenset({"stages"})
+        stage_parts = 2
+
+        def compute(self, step):
+            feats = step.teacher_taps["stages"][2]
+            return sum(f.float().mean() for f in feats) * 0 + step.logits("student").mean()
+
+    teacher = mnist_resnet(weights=None).requires_grad_(False)
+    student = quantize_(mnist_resnet(weights=None), QuantConfig(w_bits=4, a_bits=4),
+                        torch.zeros(2, 1, 28, 28)).eval()  # fmt: skip
+    gen = ConditionalGenerator(num_classes=10, image_size=28, channels=1, latent_dim=4, width=8)
+    engine = Engine(accelerator=Accelerator(cpu=True), teacher=teacher, student=student,
+                    generator=gen, mixer=NoMixer(), losses=[SoftTargetCE(), StageMatch()],
+                    generator_optimizer=torch.optim.Adam(gen.parameters(), lr=1e-3),
+                    student_optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
+                    batch_size=4, example=torch.zeros(2, 1, 28, 28))  # fmt: skip
+    set_quant_mode(student, "observe")
+    engine.iteration(Phase(generator=True, observe=True, student=False), epoch=0)
+    set_quant_mode(student, "frozen")
+    engine.iteration(Phase(generator=True, observe=False, student=True), epoch=1)
+    assert "student/StageMatch" in engine.pop_loss_means()

@@ -92,6 +92,33 @@ def test_a_bad_first_step_equals_a_fresh_start(name):
     _assert_same(*runs)
 
 
+@pytest.mark.parametrize("bad", [None, "loss"])
+def test_a_skipped_step_also_puts_back_the_buffers_its_forward_changed(bad):
+    """BN running statistics (a generator in train mode) and an observer's range change in the
+    forward, before the loss is known: a skipped step restores them, a good one keeps them."""
+    from dfqkit.quant import EMAActQuantizer, set_quant_mode
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3),
+                                EMAActQuantizer(bits=4)).train()  # fmt: skip
+    set_quant_mode(model, "observe")
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    guard = StepGuard(opt, torch.device("cpu"), modules=[model])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    guard.begin()
+    loss = model(torch.randn(8, 4)).square().mean()
+    if bad:
+        loss = loss * float("nan")
+    loss.backward()
+    guard.step(loss)
+    after = model.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    if bad:
+        assert changed == []  # running_mean, running_var, num_batches_tracked, lo, hi: back
+    else:
+        assert {"1.running_mean", "1.num_batches_tracked", "2.hi"} <= set(changed)
+
+
 def test_counts_skipped_steps_and_runs_in_a_row_across_pops():
     model = _model()
     guard = StepGuard(torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dfqkit.generators.conditional_generator import ConditionalGenerator
@@ -11,6 +12,7 @@ from dfqkit.step import SynthBatch
 
 CBN_MIXES = ("sum", "mean")
 EMBEDDING_INITS = ("teacher", "random")
+INPUT_NORMS = ("sample", "feature")
 
 
 def classifier_layer(teacher: nn.Module, num_classes: int) -> nn.Linear:
@@ -25,9 +27,21 @@ def classifier_layer(teacher: nn.Module, num_classes: int) -> nn.Linear:
     return found[-1]
 
 
+def _standardise(x: torch.Tensor) -> torch.Tensor:
+    """``BatchNorm1d`` without affine or running statistics over channel dim 1 of ``(n, c[, l])``:
+    each channel minus its mean, over its biased standard deviation (eps 1e-5)."""
+    return F.batch_norm(x, None, None, training=True, eps=1e-5)
+
+
 @register("generators")
 class QimeraGenerator(ConditionalGenerator):
-    """GDFQ's decoder fed with ``BN1d(Emb(y) + noise_scale · z)`` (non-affine, batch statistics).
+    """GDFQ's decoder fed with the normalised ``Emb(y) + noise_scale · z``.
+
+    ``input_norm="sample"`` (the official code: ``BatchNorm1d`` applied to the transposed
+    ``(b, d)`` input) standardises each sample over its ``d`` features; for a superposed batch
+    ``(b, K, d)`` (transposed to ``(d, K, b)``) each of the ``K`` slots is standardised over all
+    samples and features. ``input_norm="feature"`` (dfqkit before 0.2) standardises each feature
+    over the batch instead.
 
     The class embedding has the width of the teacher's classifier input and is by default
     initialised from the teacher's classifier weight rows (``embedding_init="teacher"``,
@@ -56,6 +70,7 @@ class QimeraGenerator(ConditionalGenerator):
         noise_scale: multiplies ``z`` before it is added to the embedding.
         cbn_mix: ``"sum"`` (``Σ_k λ_k γ_{y_k}``) or ``"mean"`` (the official ``/K``, with ``K``
             the number of classes in the sample; unmixed samples are unchanged).
+        input_norm: ``"sample"`` (official) or ``"feature"`` (see above).
     """
 
     def __init__(
@@ -73,7 +88,10 @@ class QimeraGenerator(ConditionalGenerator):
         bn_eps: float = 0.8,
         width: int = 128,
         cbn_mix: str = "sum",
+        input_norm: str = "sample",
     ) -> None:
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {INPUT_NORMS}, got {input_norm!r}")
         if cbn_mix not in CBN_MIXES:
             raise ValueError(f"cbn_mix must be one of {CBN_MIXES}, got {cbn_mix!r}")
         if conditioning not in ("embed", "cbn"):
@@ -102,6 +120,7 @@ class QimeraGenerator(ConditionalGenerator):
         self.noise_scale = float(noise_scale)
         self._initialised = embedding_init == "random"
         self.cbn_mix = cbn_mix
+        self.input_norm_mode = input_norm
 
     def bind(self, *, teacher: nn.Module, generator: nn.Module, example: torch.Tensor) -> None:
         """Copy the teacher's classifier weight rows into the embedding (``"teacher"`` init)."""
@@ -119,7 +138,20 @@ class QimeraGenerator(ConditionalGenerator):
         self._initialised = True
 
     def embed(self, labels: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.input_norm(self.label_emb(labels) + self.noise_scale * z)
+        """``(b,)`` labels and ``(b, d)`` latents → the ``(b, d)`` normalised input."""
+        x = self.label_emb(labels) + self.noise_scale * z
+        if self.input_norm_mode == "feature":
+            return self.input_norm(x)
+        return _standardise(x.T).T  # each sample over its features (official)
+
+    def embed_slots(self, labels: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """``(b, K)`` labels and ``(b, K, d)`` latents of a superposition → the normalised
+        ``(b, K, d)`` inputs (official: each slot over all samples and features)."""
+        b, k, d = z.shape
+        x = self.label_emb(labels) + self.noise_scale * z
+        if self.input_norm_mode == "feature":
+            return self.input_norm(x.flatten(0, 1)).view(b, k, d)
+        return _standardise(x.permute(2, 1, 0)).permute(2, 1, 0)
 
     def decode(self, batch: SynthBatch) -> torch.Tensor:
         batch = batch.replace(cond=self.mapping(batch.cond))

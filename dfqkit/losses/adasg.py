@@ -42,6 +42,9 @@ class AdaptiveMarginLoss(Loss):
         alpha_ds, alpha_as: disagreement / agreement CE weights (AdaSG 0.1 / 0.1; AdaDFQ 0.2 /
             0.1).
         beta: weight of the two CE terms.
+        detach_min: stop the gradient through ``min_b H`` in ``H'`` (``False``: the released
+            code, where the gradient also flows through the batch minimum; ``True``: dfqkit
+            before 0.2).
         weight: multiplies the loss.
     """
 
@@ -55,10 +58,16 @@ class AdaptiveMarginLoss(Loss):
         alpha_ds: float = 0.1,
         alpha_as: float = 0.1,
         beta: float = 1.0,
+        detach_min: bool = False,
         weight: float = 1.0,
         side: str | None = None,
     ) -> None:
         super().__init__(weight=weight, side=side)
+        if not isinstance(detach_min, bool):
+            raise ValueError(
+                f"AdaptiveMarginLoss.detach_min must be True or False, got {detach_min!r}"
+            )
+        self.detach_min = detach_min
         if not 0.0 <= lambda_l <= lambda_u <= 1.0:
             raise ValueError(
                 f"AdaptiveMarginLoss needs 0 <= lambda_l <= lambda_u <= 1, got "
@@ -77,7 +86,7 @@ class AdaptiveMarginLoss(Loss):
         f, q = step.teacher_logits.float(), step.student_logits.float()
         diff = f - q
         h = _entropy(diff)
-        h_min = h.min().detach()
+        h_min = h.min().detach() if self.detach_min else h.min()
         h_norm = (h - h_min) / (math.log(diff.shape[1]) - h_min).clamp_min(1e-8)
         margin = (self.lambda_l - h_norm).relu().mean() + (h_norm - self.lambda_u).relu().mean()
         targets = step.batch.targets

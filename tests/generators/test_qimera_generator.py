@@ -16,20 +16,39 @@ def test_embeddings_start_from_the_teachers_classifier_rows():
         wrong.bind(teacher=teacher, generator=wrong, example=torch.zeros(2, 1, 28, 28))
 
 
-def test_input_is_the_batch_normalised_sum_of_embedding_and_noise():
+def _qimera(**kw):
+    return QimeraGenerator(num_classes=10, image_size=8, channels=1, latent_dim=6,
+                           embedding_init="random", noise_scale=0.5, **kw)  # fmt: skip
+
+
+def test_input_is_normalised_as_the_official_batchnorm_of_the_transpose():
+    """Official: ``BatchNorm1d(affine=False, no running stats)`` applied to ``(emb + z).T``:
+    each sample standardised over its features; a superposition's ``(b, K, d)`` transposed to
+    ``(d, K, b)``: each slot standardised over samples and features."""
     torch.manual_seed(0)
-    gen = QimeraGenerator(
-        num_classes=10,
-        image_size=8,
-        channels=1,
-        latent_dim=6,
-        embedding_init="random",
-        noise_scale=0.5,
-    )
+    gen = _qimera()
+    labels, z = torch.randint(0, 10, (16,)), torch.randn(16, 6)
+    x = gen.label_emb(labels) + 0.5 * z
+    want = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(gen.embed(labels, z), want, rtol=1e-4, atol=1e-4)
+    bn = torch.nn.BatchNorm1d(6, affine=False, track_running_stats=False)  # independent
+    slots, zs = torch.randint(0, 10, (16, 3)), torch.randn(16, 3, 6)
+    x = gen.label_emb(slots) + 0.5 * zs
+    want = bn(x.permute(2, 1, 0)).permute(2, 1, 0)
+    torch.testing.assert_close(gen.embed_slots(slots, zs), want, rtol=1e-5, atol=1e-5)
+    per_slot = gen.embed_slots(slots, zs)
+    assert per_slot[:, 1].mean().abs() < 1e-5 and abs(per_slot[:, 1].var(unbiased=False) - 1) < 1e-3
+
+
+def test_input_norm_feature_is_the_batch_normalised_sum_of_embedding_and_noise():
+    torch.manual_seed(0)
+    gen = _qimera(input_norm="feature")
     labels, z = torch.randint(0, 10, (16,)), torch.randn(16, 6)
     x = gen.label_emb(labels) + 0.5 * z
     want = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)
     torch.testing.assert_close(gen.embed(labels, z), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="input_norm must be one of"):
+        _qimera(input_norm="layer")
 
 
 def test_mapping_cbn_and_embedding_mixup_run():

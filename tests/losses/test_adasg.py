@@ -44,6 +44,33 @@ def test_adaptive_margin_matches_a_per_sample_computation():
     assert AdaptiveMarginLoss.needs_student
 
 
+def test_the_gradient_flows_through_the_batch_minimum_as_released():
+    """``detach_min=False`` (the released code): ∂L/∂q includes the path through ``min_b H``;
+    checked against central finite differences of the value, which the detached variant
+    does not match."""
+    torch.manual_seed(1)
+    f, y = torch.randn(6, 4) * 2, torch.randint(0, 4, (6,))
+    q0 = torch.randn(6, 4) * 2  # the loss computes in fp32: finite differences of 1e-3
+    loss = AdaptiveMarginLoss(lambda_l=0.6, lambda_u=0.7)  # most samples in a margin term
+
+    def value(q):
+        return loss(_step(f, q, y))
+
+    q = q0.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(value(q), q)
+    numeric = torch.zeros_like(q0)
+    for i in range(6):
+        for j in range(4):
+            e = torch.zeros_like(q0)
+            e[i, j] = 1e-3
+            numeric[i, j] = (value(q0 + e) - value(q0 - e)) / 2e-3
+    torch.testing.assert_close(grad, numeric, rtol=1e-2, atol=2e-4)
+    detached = AdaptiveMarginLoss(lambda_l=0.6, lambda_u=0.7, detach_min=True)
+    q = q0.clone().requires_grad_(True)
+    (grad_detached,) = torch.autograd.grad(detached(_step(f, q, y)), q)
+    assert (grad_detached - numeric).abs().max() > 50 * 2e-4
+
+
 def test_difference_entropy_by_hand():
     f = torch.tensor([[2.0, 0.0]])
     q = torch.tensor([[0.0, 0.0]])

@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -46,10 +47,10 @@ def test_image_only_mixup_targets_the_teachers_prediction():
     torch.testing.assert_close(SoftTargetCE()(Step(batch, logits)), want)
 
 
-def test_embedding_mixup_superposes_the_generators_embeddings():
+def test_embedding_mixup_per_sample_superposes_the_generators_embeddings():
     torch.manual_seed(0)
     gen = ConditionalGenerator(num_classes=10, image_size=8, channels=1, latent_dim=5)
-    mixer = EmbeddingMixup(num_classes=10, classes_per_sample=3, prob=1.0)
+    mixer = EmbeddingMixup(num_classes=10, classes_per_sample=3, prob=1.0, granularity="sample")
     sample = gen.sample(4, torch.device("cpu"))
     torch.manual_seed(1)
     out = mixer(sample, gen)
@@ -71,6 +72,34 @@ def test_embedding_mixup_unmixed_is_the_plain_conditioning():
     torch.manual_seed(0)
     gen = ConditionalGenerator(num_classes=10, image_size=8, channels=1, latent_dim=5)
     sample = gen.sample(4, torch.device("cpu"))
-    out = EmbeddingMixup(num_classes=10, classes_per_sample=3, prob=0.0)(sample, gen)
-    torch.testing.assert_close(out.cond, gen.embed(sample.labels, sample.z))
-    torch.testing.assert_close(out.targets, F.one_hot(sample.labels, 10).float())
+    for granularity in ("batch", "sample"):
+        mixer = EmbeddingMixup(num_classes=10, classes_per_sample=3, prob=0.0,
+                               granularity=granularity)  # fmt: skip
+        out = mixer(sample, gen)
+        torch.testing.assert_close(out.cond, gen.embed(sample.labels, sample.z))
+        torch.testing.assert_close(out.targets, F.one_hot(sample.labels, 10).float())
+        assert not out.mix["mixed"].any()
+
+
+def test_embedding_mixup_official_mixes_the_whole_batch_with_classes_drawn_with_replacement():
+    """Qimera's released trainer: one CPU draw decides whether the batch is a superposition;
+    its K classes are uniform with replacement (a repeated class adds up in the target)."""
+    gen = ConditionalGenerator(num_classes=3, image_size=8, channels=1, latent_dim=5)
+    mixer = EmbeddingMixup(num_classes=3, classes_per_sample=4, prob=0.5)
+    decisions, repeated = [], False
+    torch.manual_seed(0)
+    for _ in range(40):
+        sample = gen.sample(6, torch.device("cpu"))
+        out = mixer(sample, gen)
+        mixed = out.mix["mixed"]
+        assert mixed.all() or not mixed.any()  # the whole batch, or none of it
+        decisions.append(bool(mixed[0]))
+        if mixed.any():
+            classes, lam = out.mix["classes"], out.mix["lam"]
+            want = torch.zeros(6, 3).index_put_((torch.arange(6)[:, None].expand(6, 4), classes),
+                                                lam, accumulate=True)  # fmt: skip
+            torch.testing.assert_close(out.targets, want)
+            repeated |= bool((classes[:, :, None] == classes[:, None, :]).sum((1, 2)).gt(4).any())
+    assert 10 <= sum(decisions) <= 30 and repeated  # about half the batches; classes repeat
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        EmbeddingMixup(granularity="pixel")
