@@ -37,7 +37,7 @@ from dfqkit.quant.attention import attention_modules
 from dfqkit.registry import get
 from dfqkit.rundir import record_model
 from dfqkit.taps import bn_layers
-from dfqkit.train import fit, start_run
+from dfqkit.train import fit, start_run, summary_line
 
 QUANT_FOR_METHOD = {  # a method's own quantizer; the others use GDFQ's (gin/quant/gdfq.gin)
     "diversity": "gin/quant/diversity.gin",
@@ -125,8 +125,28 @@ def _teacher_bindings(
     return lines
 
 
-def _data_bindings(data: Any, size: int, mean: tuple, std: tuple, out: Path) -> list[str]:
-    """The gin bindings that load the evaluation data again (``EVAL_DATA``)."""
+def _data_bindings(
+    data: Any, images: Any, size: int, mean: tuple, std: tuple, channels: int, out: Path
+) -> list[str]:
+    """The gin bindings that load the evaluation data again (``EVAL_DATA``): labelled data, a
+    folder of unlabelled images (labelled by the teacher), or none (a set distilled from the
+    teacher)."""
+    common = [f"image_size = {size}", f"mean = {tuple(mean)!r}", f"std = {tuple(std)!r}"]
+    if data is None and images is None:
+        return [
+            "EVAL_DATA = @data.distilled_holdout()",
+            "data.distilled_holdout.num_classes = %NUM_CLASSES",
+            f"data.distilled_holdout.channels = {channels}",
+            *(f"data.distilled_holdout.{c}" for c in common),
+        ]
+    if data is None:
+        return [
+            "EVAL_DATA = @data.unlabelled_folder()",
+            f"data.unlabelled_folder.root = {str(Path(images).expanduser().resolve())!r}",
+            "data.unlabelled_folder.num_classes = %NUM_CLASSES",
+            f"data.unlabelled_folder.resize = {int(size / 0.875)}",
+            *(f"data.unlabelled_folder.{c}" for c in common),
+        ]
     if isinstance(data, EvalData):
         if data.source is not None:
             factory, kwargs = data.source
@@ -143,10 +163,8 @@ def _data_bindings(data: Any, size: int, mean: tuple, std: tuple, out: Path) -> 
     return [
         "EVAL_DATA = @data.imagenet_folder()",
         f"data.imagenet_folder.root = {root!r}",
-        f"data.imagenet_folder.image_size = {size}",
         f"data.imagenet_folder.resize = {int(size / 0.875)}",
-        f"data.imagenet_folder.mean = {tuple(mean)!r}",
-        f"data.imagenet_folder.std = {tuple(std)!r}",
+        *(f"data.imagenet_folder.{c}" for c in common),
     ]
 
 
@@ -157,9 +175,11 @@ def quantize(
     w_bits: int = 4,
     a_bits: int = 4,
     data: Any = None,
+    images: str | Path | None = None,
     image_size: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    channels: int | None = None,
     epochs: int | None = None,
     iters_per_epoch: int | None = None,
     batch_size: int | None = None,
@@ -170,16 +190,28 @@ def quantize(
 ) -> nn.Module:
     """Quantize ``model`` data-free with a method's recipe and return the quantized student.
 
+    The epoch is selected on one of three evaluation sets (``metrics.json``'s ``evaluation``
+    says which; the summary line says whether its figures are accuracy or agreement):
+
+    * ``data=``: labelled images (an image-folder path, one sub-folder per class, or an
+      :class:`~dfqkit.data.EvalData`): top-1 accuracy;
+    * ``images=``: a folder of unlabelled images, labelled by the float model: top-1 is
+      agreement with the float model (fidelity, not accuracy);
+    * neither: fully data-free, a set of images distilled from the teacher before training
+      (never trained on): agreement with the float model on the teacher's own distilled data
+      (:func:`dfqkit.data_free.distilled_holdout`).
+
     Args:
         model: a float classifier ``(b, c, s, s) → (b, classes)``; it is not modified.
         method: a method family name or a gin file path.
         w_bits, a_bits: bit widths.
-        data: evaluation data: an image-folder path (one sub-folder per class) or an
-            :class:`~dfqkit.data.EvalData` (its image size, mean and std are then used);
-            required (the best epoch is chosen on its validation split).
+        data: labelled evaluation data (optional, see above).
+        images: a folder of unlabelled images (optional, see above).
         image_size, mean, std: the model's input (default: the EvalData's, else the model's
             timm ``pretrained_cfg``).
-        epochs, iters_per_epoch, batch_size: the budget (default: the method's).
+        channels: input channels (default: the EvalData's, else 3).
+        epochs, iters_per_epoch, batch_size: the budget (default: the method's; the budget is
+            printed before training).
         seed: the run's seed.
         output_dir: the run directory (default: a new temporary directory).
         gin_params: extra ``"KEY = VALUE"`` bindings.
@@ -192,28 +224,29 @@ def quantize(
         frozen); ``student.run_dir`` is the run directory, whose ``metrics.json`` records which
         epoch was returned (``models``).
     """
-    if data is None:
-        raise ValueError("quantize: data is required (an image folder path or an EvalData)")
+    if data is not None and images is not None:
+        raise ValueError("quantize: pass data= (labelled) or images= (unlabelled), not both")
     size, mean, std = _data_config(model, data, image_size, mean, std)
-    if not isinstance(data, EvalData) and not Path(data).expanduser().is_dir():
+    if data is not None and not isinstance(data, EvalData) and not Path(data).expanduser().is_dir():
         raise ValueError(f"quantize: data={str(data)!r} is not a folder of images")
-    channels = data.channels if isinstance(data, EvalData) else 3
-    num_classes = data.num_classes if isinstance(data, EvalData) else None
+    if images is not None and not Path(images).expanduser().is_dir():
+        raise ValueError(f"quantize: images={str(images)!r} is not a folder of images")
+    if channels is None:
+        channels = data.channels if isinstance(data, EvalData) else 3
     vit = bool(attention_modules(model))
     quant = "gin/quant/vit.gin" if vit else QUANT_FOR_METHOD.get(str(method), "gin/quant/gdfq.gin")
     files = ["gin/base.gin", _method_file(method), quant]
     out = Path(output_dir) if output_dir is not None else Path(tempfile.mkdtemp(prefix="dfqkit_"))
     out.mkdir(parents=True, exist_ok=True)
     teacher = _teacher_bindings(model, architecture, out, (channels, size, size))
-    if num_classes is None:
-        with torch.no_grad():
-            probe = torch.zeros(1, channels, size, size)
-            num_classes = copy.deepcopy(model).cpu().eval()(probe).shape[-1]
+    with torch.no_grad():
+        probe = torch.zeros(1, channels, size, size)
+        num_classes = copy.deepcopy(model).cpu().eval()(probe).shape[-1]
     params = [
         f"NUM_CLASSES = {num_classes}",
         f"IMAGE_SIZE = {size}",
         f"CHANNELS = {channels}",
-        *_data_bindings(data, size, mean, std, out),
+        *_data_bindings(data, images, size, mean, std, channels, out),
         f"W_BITS = {w_bits}",
         f"A_BITS = {a_bits}",
         f"SEED = {seed}",
@@ -235,12 +268,30 @@ def quantize(
     run, resumed_from = start_run(
         files, list(gin_params), output_dir=out, recipe=recipe, trusted=params
     )
-    fit(run, resumed_from=resumed_from)
+    print(_budget_line(run, method, w_bits, a_bits, given=epochs is not None))
+    metrics = fit(run, resumed_from=resumed_from)
     which = "best" if run.checkpoint_path("best") is not None else "last"
     if run.load(which) is None:
         raise ConfigError(f"quantize: the run in {str(out)!r} left no checkpoint")
     student = run.student_module.cpu().eval()
     set_quant_mode(student, "frozen")
     record_model(out, out / "dfqkit.quantize", run.loaded)
+    print(summary_line(metrics))
     student.run_dir = str(out)
     return student
+
+
+def _budget_line(run, method, w_bits: int, a_bits: int, *, given: bool) -> str:
+    s = run.schedule
+    budget = (
+        f"{s.epochs} epochs × {s.iters_per_epoch} iterations of batch {s.batch_size} "
+        f"({s.warmup_epochs} warm-up)"
+    )
+    hint = "" if given else " (the method's default: pass epochs=, iters_per_epoch=, batch_size=)"
+    measure = (
+        "agreement with the float teacher" if run.data.labelled_by == "teacher" else "accuracy"
+    )
+    return (
+        f"dfqkit.quantize: {method} at W{w_bits}A{a_bits}, {budget}{hint}; evaluated on "
+        f"{run.data.name} ({measure}); run directory: {run.output_dir}"
+    )

@@ -88,6 +88,13 @@ def display(key: tuple[str, str, str]) -> str:
     return f"{scope}/{short}.{param}" if scope else f"{short}.{param}"
 
 
+def _applies(scope: str, called_in: str) -> bool:
+    """Whether a binding in ``scope`` applies to a call made in scope ``called_in`` (an
+    unscoped binding applies everywhere; ``a/x`` to a call made inside both ``a`` and ``x``,
+    such as the configurable a macro ``EVAL_DATA = @data.x()`` builds in scope ``EVAL_DATA``)."""
+    return not scope or set(scope.split("/")) <= set(called_in.split("/"))
+
+
 def unread_bindings(keys: Iterable[tuple[str, str, str]]) -> list[str]:
     """Errors, one per binding of ``keys`` whose configurable the built run never called (read
     gin's operative configuration, complete once every part is built)."""
@@ -96,7 +103,7 @@ def unread_bindings(keys: Iterable[tuple[str, str, str]]) -> list[str]:
     errors = []
     for key in sorted(keys):
         scope, selector, _ = key
-        if selector == MACRO or (scope, selector) in called:
+        if selector == MACRO or any(_applies(scope, s) for s, sel in called if sel == selector):
             continue
         used = [display((s, sel, "")).rstrip(".") for s, sel in called if sel != MACRO]
         part = display((scope, selector, "")).rstrip(".")

@@ -30,6 +30,7 @@ from torch import nn
 
 from dfqkit import checkpoint as ckpt
 from dfqkit.checks import check_setup
+from dfqkit.data import label_with_teacher
 from dfqkit.engine import Engine
 from dfqkit.errors import ConfigError
 from dfqkit.generators.base import synthesize
@@ -190,7 +191,7 @@ def build_run(
         )
         _check_trackers(acc, log_with)
     mixer = NoMixer() if mixer is None else mixer
-    teacher, student, generator, mixer, example = _models(
+    teacher, student, generator, mixer, data, example = _models(
         acc, teacher, data, generator, mixer, losses, quant, schedule
     )
     if calib_epochs == 0 and calibration != "noise" and act_quantizers(student):
@@ -245,10 +246,15 @@ def build_run(
 
 def _models(acc, teacher, data, generator, mixer, losses, quant, schedule: Schedule):
     """The teacher, generator and mixer on the device, checked against each other; the mixer's
-    teacher-dependent parts bound; the student quantized from a copy of the teacher."""
+    teacher-dependent parts bound; the student quantized from a copy of the teacher; evaluation
+    data labelled (or made) by the teacher where it asks for it."""
     device = acc.device
     teacher = teacher.to(device).eval().requires_grad_(False)
     generator, mixer = generator.to(device), mixer.to(device)
+    if getattr(data, "prepare", None) is not None:  # a set made from the teacher
+        data = data.prepare(teacher, device)
+    elif getattr(data, "labelled_by", "dataset") == "teacher":
+        data = label_with_teacher(data, teacher, device)
     check_setup(
         teacher=teacher,
         data=data,
@@ -264,7 +270,7 @@ def _models(acc, teacher, data, generator, mixer, losses, quant, schedule: Sched
         if hasattr(part, "bind"):
             part.bind(teacher=teacher, generator=generator, example=example)
     student = quantize_(copy.deepcopy(teacher), quant, example).requires_grad_(True).eval()
-    return teacher, student, generator, mixer, example
+    return teacher, student, generator, mixer, data, example
 
 
 def _optimizers(acc, generator, mixer, student, generator_optimizer, student_optimizer):

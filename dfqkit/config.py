@@ -27,6 +27,7 @@ from gin import config as gin_config
 
 import dfqkit.build  # noqa: F401  (gin-registers the root `train`)
 import dfqkit.data  # noqa: F401  (gin-registers the datasets)
+import dfqkit.data_free  # noqa: F401  (gin-registers the data-free evaluation set)
 import dfqkit.optim  # noqa: F401  (gin-registers optimizers beyond torch.optim)
 from dfqkit import bindings, registry
 from dfqkit.errors import ConfigError

@@ -207,6 +207,7 @@ def fit(run: Run, *, resumed_from: int | None = None) -> dict[str, Any]:
         state, recipe=run.recipe, seed=schedule.seed, quant=run.quant, resumed_from=resumed_from
     )
     metrics["processes"] = _process_report(run)
+    metrics["evaluation"] = {"data": run.data.name, "labels": run.data.labelled_by}
     if acc.is_main_process:
         (run.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         cfg.save_operative_config(run.output_dir)
@@ -251,7 +252,7 @@ def _log_epoch(run: Run, record: dict[str, Any]) -> None:
         best = state.best
         where = f"best val {best['val_top1']:.2f} @ {best['epoch']}" if best else "no best yet"
         parts.append(f"val {record['val_top1']:.2f} test {record['test_top1']:.2f} ({where})")
-    if record["losses"]:
+    if record.get("losses"):
         parts.append(" ".join(f"{k} {v:.4g}" for k, v in record["losses"].items()))
     if "mixer" in record:
         parts.append(" ".join(f"{k} {v:.3g}" for k, v in record["mixer"].items()))
@@ -491,14 +492,21 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.train") -> in
             raise
         print(f"{prog}: {_interrupted(err, args.output_dir)}", file=sys.stderr)
         return 130
-    m = metrics
-    if m.get("main_process", True) and not math.isnan(m["best"]["test_top1"]):
-        print(
-            f"teacher {m['teacher']['test_top1']:.2f} | naive {m['naive']['test_top1']:.2f} | "
-            f"quantized best-val epoch {m['best']['epoch']}: {m['best']['test_top1']:.2f}, "
-            f"last {m['last']['test_top1']:.2f} | run directory: {m['output_dir']}"
-        )
+    if metrics.get("main_process", True) and not math.isnan(metrics["best"]["test_top1"]):
+        print(summary_line(metrics))
     return 0
+
+
+def summary_line(m: dict[str, Any]) -> str:
+    """The one line a finished run prints (the command line and ``dfqkit.quantize``)."""
+    teacher_labels = m.get("evaluation", {}).get("labels") == "teacher"
+    what = "agreement with the float teacher" if teacher_labels else "test top-1"
+    teacher = "" if teacher_labels else f"teacher {m['teacher']['test_top1']:.2f} | "
+    return (
+        f"{what}: {teacher}naive {m['naive']['test_top1']:.2f} | quantized best-val epoch "
+        f"{m['best']['epoch']}: {m['best']['test_top1']:.2f}, last {m['last']['test_top1']:.2f} "
+        f"| run directory: {m['output_dir']}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from dfqkit.data.imagenet_folder import imagenet_folder, timm_data_config, timm_
 from dfqkit.data.mnist5k import mnist5k
 from dfqkit.data.saved import save_eval_data, saved
 from dfqkit.data.synthetic import synthetic
+from dfqkit.data.teacher_labels import label_with_teacher, unlabelled_folder
 
 __all__ = [
     "EvalData",
@@ -18,10 +19,12 @@ __all__ = [
     "cifar",
     "digits",
     "imagenet_folder",
+    "label_with_teacher",
     "mnist5k",
     "save_eval_data",
     "saved",
     "synthetic",
     "timm_data_config",
     "timm_imagenet_folder",
+    "unlabelled_folder",
 ]

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+LABELLED_BY = ("dataset", "teacher")
 
 
 class TensorImageDataset(Dataset):
@@ -101,6 +102,11 @@ class EvalData:
         source: ``(factory, arguments)`` of the registered factory that made it
             (:func:`data_factory`), so a run can record how to load it again; ``None`` for a
             set built by hand.
+        labelled_by: ``"dataset"`` (its own labels: top-1 is accuracy) or ``"teacher"`` (the
+            run labels val and test with the float teacher's top-1 when it is built: top-1 is
+            agreement with the float model, not accuracy).
+        prepare: a callable ``(teacher, device) -> EvalData`` the run calls once the teacher
+            exists, for sets made from the teacher itself (the data-free evaluation set).
 
     Every split yields ``(image, label)`` with ``image`` a normalized float32 ``(c, h, w)``.
     """
@@ -116,6 +122,14 @@ class EvalData:
     train: Dataset | None = None
     num_workers: int = 0
     source: tuple[str, dict[str, Any]] | None = None
+    labelled_by: str = "dataset"
+    prepare: Callable[..., EvalData] | None = None
+
+    def __post_init__(self) -> None:
+        if self.labelled_by not in LABELLED_BY:
+            raise ValueError(
+                f"EvalData.labelled_by must be one of {LABELLED_BY}, got {self.labelled_by!r}"
+            )
 
     def split(self, split: str) -> Dataset:
         """The dataset of ``split`` (one of ``"train"``, ``"val"``, ``"test"``)."""
