@@ -14,13 +14,15 @@ from types import ModuleType
 from dfqkit.errors import MissingDependency
 
 
-def require(name: str, *, extra: str, purpose: str) -> ModuleType:
-    """Import ``name`` or raise :class:`MissingDependency` naming ``pip install
-    'dfqkit[<extra>]'``."""
+def require(name: str, *, extra: str, purpose: str, package: str | None = None) -> ModuleType:
+    """Import ``name`` or raise :class:`MissingDependency` naming the package to install (its
+    pip name ``package``, default the module's top-level name) and the dfqkit extra that has
+    it."""
     try:
         return importlib.import_module(name)
     except ImportError as err:
+        pip_name = package or name.split(".")[0]
         raise MissingDependency(
-            f"{purpose} needs the package {name.split('.')[0]!r}, which is not installed: "
-            f"pip install 'dfqkit[{extra}]'"
+            f"{purpose} needs {pip_name}, which is not installed: pip install {pip_name} "
+            f"(or pip install 'dfqkit[{extra}]')"
         ) from err
