@@ -32,8 +32,10 @@ from dfqkit.data.mnist5k import mnist5k
 from dfqkit.models.fit_teacher import TrainRecipe, fit_teacher
 from dfqkit.models.mnist_resnet import mnist_resnet
 from dfqkit.models.mnist_vit import mnist_vit
-from dfqkit.models.zoo_cache import trained_weights, weights_path
+from dfqkit.models.zoo_cache import cache_dir, trained_weights, weights_path
 
+__all__ = ["ZOO", "ZooEntry", "cache_dir", "ensure_teacher", "metrics_path", "train_teacher",
+           "zoo_path"]  # fmt: skip
 logger = logging.getLogger(__name__)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
