@@ -43,7 +43,8 @@ def _reference_logits(run_dir, images, which="best"):
 )
 def test_export_round_trip_reproduces_the_student_exactly(teacher_env, tmp_path, recipe, extra):
     run_dir = tmp_path / "run"
-    run([recipe], [*TINY, *extra], output_dir=run_dir)
+    tiny = TINY if "genie" not in recipe else [p for p in TINY if p.startswith(("train.", "BATCH"))]
+    run([recipe], [*tiny, *extra], output_dir=run_dir)
     out = export_safetensors(run_dir)
     with safe_open(str(out), framework="pt") as f:
         meta = f.metadata()
