@@ -184,23 +184,13 @@ def build_run(
     log_with = resolve_trackers(trackers) if for_training else []
     acc = _accelerator(out, mixed_precision, log_with)
     if log_with:
-        acc.project_configuration.logging_dir = str(out / "logs")
-        acc.init_trackers(
-            "dfqkit",
-            config={"recipe": recipe, "seed": seed, "epochs": epochs, "batch_size": batch_size},
-        )
-        _check_trackers(acc, log_with)
+        config = {"recipe": recipe, "seed": seed, "epochs": epochs, "batch_size": batch_size}
+        _start_trackers(acc, out, log_with, config)
     mixer = NoMixer() if mixer is None else mixer
     teacher, student, generator, mixer, data, example = _models(
         acc, teacher, data, generator, mixer, losses, quant, schedule
     )
-    if calib_epochs == 0 and calibration != "noise" and act_quantizers(student):
-        raise ConfigError(
-            f"train.calib_epochs = 0 with train.calibration = {calibration!r}: the student's "
-            f"{len(act_quantizers(student))} activation quantizers would never observe a batch, "
-            "so they would have no range; set train.calib_epochs >= 1, or "
-            "train.calibration = 'noise'"
-        )
+    _check_observed(student, calibration, calib_epochs)
     stage = None
     if reconstruction is not None:
         stage = ReconstructionStage(reconstruction, teacher, student, example)
@@ -242,6 +232,23 @@ def build_run(
         trackers=log_with,
         example=example,
     )
+
+
+def _start_trackers(acc, out: Path, log_with: list, config: dict[str, Any]) -> None:
+    acc.project_configuration.logging_dir = str(out / "logs")
+    acc.init_trackers("dfqkit", config=config)
+    _check_trackers(acc, log_with)
+
+
+def _check_observed(student: nn.Module, calibration: str, calib_epochs: int) -> None:
+    """Activation quantizers that must observe a batch get at least one epoch to do it."""
+    if calib_epochs == 0 and calibration != "noise" and act_quantizers(student):
+        raise ConfigError(
+            f"train.calib_epochs = 0 with train.calibration = {calibration!r}: the student's "
+            f"{len(act_quantizers(student))} activation quantizers would never observe a batch, "
+            "so they would have no range; set train.calib_epochs >= 1, or "
+            "train.calibration = 'noise'"
+        )
 
 
 def _models(acc, teacher, data, generator, mixer, losses, quant, schedule: Schedule):

@@ -6,7 +6,10 @@ fix; the builder (:mod:`dfqkit.build`) calls :func:`check_setup` before it creat
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -76,4 +79,35 @@ def check_setup(
         raise ConfigError(
             f"the teacher returns logits of shape {tuple(logits.shape)}; expected "
             f"(batch, {data.num_classes}) for dataset {data.name!r}"
+        )
+
+
+def launched_processes() -> int | None:
+    """The ``--num_processes`` that ``accelerate launch`` (our parent process) was given, or
+    ``None`` (read from the parent's command line; Linux only)."""
+    try:
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    args = [a.decode(errors="replace") for a in argv if a]
+    if "launch" not in args or not any("accelerate" in a for a in args[:3]):
+        return None
+    for i, a in enumerate(args):
+        if a == "--num_processes" and i + 1 < len(args) and args[i + 1].isdigit():
+            return int(args[i + 1])
+        if a.startswith("--num_processes="):
+            return int(a.split("=", 1)[1]) if a.split("=", 1)[1].isdigit() else None
+    return None
+
+
+def check_launch() -> None:
+    """``accelerate launch --num_processes N --cpu`` starts one process (Accelerate 1.x): say
+    so at start-up instead of silently running on one."""
+    asked = launched_processes()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if asked and asked > world:
+        logging.getLogger(__name__).warning(
+            f"accelerate launch was asked for {asked} processes but started {world}; on CPUs "
+            f"Accelerate runs one process: use torchrun --nproc_per_node {asked} -m "
+            "dfqkit.train ... for several (docs/training.md, 'Several processes')"
         )

@@ -36,47 +36,27 @@ from tqdm.auto import tqdm
 from dfqkit import checkpoint as ckpt
 from dfqkit import config as cfg
 from dfqkit import rundir
+from dfqkit.checks import check_launch
 from dfqkit.engine import Phase
 from dfqkit.errors import ConfigError, NonFiniteLossError, RunInterrupted, SetupError
 from dfqkit.evaluate import evaluate
 from dfqkit.phases import noise_batch
-from dfqkit.quant import clip_bounds, quantize_, set_quant_mode, sync_quantizers
+from dfqkit.quant import quantize_, set_quant_mode, sync_quantizers
 from dfqkit.recipes import describe as describe_recipe
-from dfqkit.report import log_media, save_samples, summarize
+from dfqkit.report import (
+    epoch_line,
+    epoch_record,
+    headline,
+    interrupted_message,
+    process_report,
+    record_scalars,
+    save_media,
+    summarize,
+    summary_line,
+)
 from dfqkit.run import Run
 
 logger = get_logger(__name__)
-
-
-def _launched_processes() -> int | None:
-    """The ``--num_processes`` that ``accelerate launch`` (our parent process) was given, or
-    ``None`` (read from the parent's command line; Linux only)."""
-    try:
-        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    args = [a.decode(errors="replace") for a in argv if a]
-    if "launch" not in args or not any("accelerate" in a for a in args[:3]):
-        return None
-    for i, a in enumerate(args):
-        if a == "--num_processes" and i + 1 < len(args) and args[i + 1].isdigit():
-            return int(args[i + 1])
-        if a.startswith("--num_processes="):
-            return int(a.split("=", 1)[1]) if a.split("=", 1)[1].isdigit() else None
-    return None
-
-
-def _check_launch() -> None:
-    """``accelerate launch --num_processes N --cpu`` starts one process (Accelerate 1.x): say
-    so at start-up instead of silently running on one."""
-    asked = _launched_processes()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if asked and asked > world:
-        logging.getLogger(__name__).warning(
-            f"accelerate launch was asked for {asked} processes but started {world}; on CPUs "
-            f"Accelerate runs one process: use torchrun --nproc_per_node {asked} -m "
-            "dfqkit.train ... for several (docs/training.md, 'Several processes')"
-        )
 
 
 def run(
@@ -116,7 +96,7 @@ def start_run(
     """Open the run directory, build the :class:`Run`, restore its last checkpoint (with
     ``resume``) and compute the reference accuracies; returns the run and the epoch it resumed
     from (``None``: a fresh start)."""
-    _check_launch()
+    check_launch()
     opened = rundir.open_run(
         gin_files, gin_params, output_dir=output_dir, resume=resume, recipe=recipe, trusted=trusted
     )
@@ -187,17 +167,17 @@ def fit(run: Run, *, resumed_from: int | None = None) -> dict[str, Any]:
         losses = _train_epoch(run, epoch)
         _check_nonfinite(run, epoch + 1)
         state.epochs_done = done = epoch + 1
-        record = _epoch_record(run, losses)
+        record = epoch_record(run, losses)
         scalars = {f"loss/{k}": v for k, v in losses.items()}
         improved = False
         if run.calibration.ready(done) and (
             done % schedule.eval_every == 0 or done == schedule.epochs
         ):
             improved = _evaluate_epoch(run, record)
-            _save_media(run)
+            save_media(run)
         state.history.append(record)
         _log_epoch(run, record)
-        acc.log({**scalars, **_record_scalars(record)}, step=done)
+        acc.log({**scalars, **record_scalars(record)}, step=done)
         path = ckpt.save_checkpoint(acc, run.output_dir, done, keep=schedule.checkpoint_keep)
         if improved:
             ckpt.save_best(acc, run.output_dir, path)
@@ -206,7 +186,7 @@ def fit(run: Run, *, resumed_from: int | None = None) -> dict[str, Any]:
     metrics = summarize(
         state, recipe=run.recipe, seed=schedule.seed, quant=run.quant, resumed_from=resumed_from
     )
-    metrics["processes"] = _process_report(run)
+    metrics["processes"] = process_report(run)
     metrics["evaluation"] = {"data": run.data.name, "labels": run.data.labelled_by}
     if acc.is_main_process:
         (run.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -218,45 +198,8 @@ def fit(run: Run, *, resumed_from: int | None = None) -> dict[str, Any]:
     return metrics
 
 
-def _epoch_record(run: Run, losses: dict[str, float]) -> dict[str, Any]:
-    """The epoch's history entry before evaluation: its phase, the mean of every loss, the
-    mixer's statistics and the learned clip bounds."""
-    done = run.state.epochs_done
-    trained = run.schedule.trains_student and done > run.schedule.warmup_epochs
-    record: dict[str, Any] = {"epoch": done, "phase": "training" if trained else "calibration"}
-    record["losses"] = {k: v for k, v in losses.items() if not k.startswith("mixer/")}
-    mixer = {k.removeprefix("mixer/"): v for k, v in losses.items() if k.startswith("mixer/")}
-    if mixer:
-        record["mixer"] = mixer
-    clips = clip_bounds(run.student_module)
-    if clips:
-        record["clips"] = clips
-    return record
-
-
-def _record_scalars(record: dict[str, Any]) -> dict[str, float]:
-    out = {f"mixer/{k}": v for k, v in record.get("mixer", {}).items()}
-    for i, (lo, hi) in enumerate(zip(*record.get("clips", {}).values(), strict=False)):
-        out[f"clip/{i:02d}/lo"], out[f"clip/{i:02d}/hi"] = lo, hi
-    if "val_top1" in record:
-        out.update({"eval/val_top1": record["val_top1"], "eval/test_top1": record["test_top1"]})
-    return out
-
-
 def _log_epoch(run: Run, record: dict[str, Any]) -> None:
-    state = run.state
-    head = f"epoch {record['epoch']} [{record['phase']}"
-    head += "]" if record["phase"] == "training" else ": no student step yet]"
-    parts = [head]
-    if "val_top1" in record:
-        best = state.best
-        where = f"best val {best['val_top1']:.2f} @ {best['epoch']}" if best else "no best yet"
-        parts.append(f"val {record['val_top1']:.2f} test {record['test_top1']:.2f} ({where})")
-    if record.get("losses"):
-        parts.append(" ".join(f"{k} {v:.4g}" for k, v in record["losses"].items()))
-    if "mixer" in record:
-        parts.append(" ".join(f"{k} {v:.3g}" for k, v in record["mixer"].items()))
-    logger.info(" | ".join(parts), main_process_only=True)
+    logger.info(epoch_line(record, run.state.best), main_process_only=True)
 
 
 def _train_epoch(run: Run, epoch: int) -> dict[str, float]:
@@ -336,7 +279,7 @@ def _evaluate_epoch(run: Run, record: dict[str, Any]) -> bool:
         test_agree=test["agree"],
     )
     if record["phase"] == "calibration" and run.schedule.trains_student:
-        state.calibrated = _headline(record)
+        state.calibrated = headline(record)
         return False
     improved = (
         not run.schedule.trains_student
@@ -344,25 +287,10 @@ def _evaluate_epoch(run: Run, record: dict[str, Any]) -> bool:
         or record["val_top1"] > state.best["val_top1"]
     )
     if improved:
-        state.best, state.evals_since_best = _headline(record), 0
+        state.best, state.evals_since_best = headline(record), 0
     else:
         state.evals_since_best += 1
     return improved
-
-
-def _headline(record: dict[str, Any]) -> dict[str, Any]:
-    keys = ("epoch", "phase", "val_top1", "test_top1", "test_top5", "test_agree", "stage")
-    return {k: record[k] for k in keys if k in record}
-
-
-def _save_media(run: Run) -> None:
-    """The grid of the last synthesized batch in ``samples/``, and to the trackers."""
-    if not run.accelerator.is_main_process:
-        return
-    batch, done = run.engine.last_batch, run.state.epochs_done
-    save_samples(batch, run.data, run.output_dir / "samples" / f"epoch_{done:04d}.png")
-    if run.trackers:
-        log_media(run.accelerator, run.teacher, batch, run.data, done)
 
 
 def _post_training(run: Run) -> None:
@@ -389,50 +317,14 @@ def _post_training(run: Run) -> None:
             }
             _evaluate_epoch(run, record)
             state.history.append(record)
-            state.best, state.evals_since_best = _headline(record), 0
+            state.best, state.evals_since_best = headline(record), 0
             _log_epoch(run, record)
-            acc.log(_record_scalars(record), step=state.epochs_done + 1)
+            acc.log(record_scalars(record), step=state.epochs_done + 1)
         path = ckpt.save_checkpoint(
             acc, run.output_dir, state.epochs_done, keep=run.schedule.checkpoint_keep, unit=i + 1
         )
         if last:
             ckpt.save_best(acc, run.output_dir, path)
-
-
-def _process_report(run: Run) -> dict[str, Any]:
-    """Once, at the end: do all processes hold the same student (weights and quantizer
-    ranges), and did they sample different latents? (Gathered from every rank.)"""
-    acc = run.accelerator
-    state = run.student_module.state_dict()
-    values = [v.detach().double() for v in state.values() if v.is_floating_point()]
-    signature = torch.stack([sum(v.sum() for v in values), sum(v.abs().sum() for v in values)])
-    batch = run.engine.last_batch
-    z = batch.z if batch is not None and batch.z is not None else None
-    latent = z.double().sum() if z is not None else torch.zeros((), dtype=torch.float64)
-    row = torch.cat([signature, latent[None]]).to(acc.device)[None]
-    rows = acc.gather(row).cpu()  # (processes, 3)
-    return {
-        "count": acc.num_processes,
-        "identical_student": bool((rows[:, :2] == rows[0, :2]).all()),
-        "latent_sums": rows[:, 2].tolist(),
-    }
-
-
-def _interrupted(err: KeyboardInterrupt, output_dir: str | None) -> str:
-    """One line for Ctrl-C: what is kept and the command that resumes."""
-    if not isinstance(err, RunInterrupted):
-        return "interrupted before training started" + (
-            f"; start again, or resume with: python -m dfqkit.train --resume --output_dir "
-            f"{output_dir}"
-            if output_dir
-            else ""
-        )
-    last = err.last_checkpoint
-    kept = f"the last complete checkpoint is {last.name}" if last else "no epoch was complete"
-    return (
-        f"interrupted; {kept}; resume with: python -m dfqkit.train --resume --output_dir "
-        f"{err.output_dir}"
-    )
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.train") -> int:
@@ -490,23 +382,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.train") -> in
     except KeyboardInterrupt as err:
         if args.debug:
             raise
-        print(f"{prog}: {_interrupted(err, args.output_dir)}", file=sys.stderr)
+        print(f"{prog}: {interrupted_message(err, args.output_dir)}", file=sys.stderr)
         return 130
     if metrics.get("main_process", True) and not math.isnan(metrics["best"]["test_top1"]):
         print(summary_line(metrics))
     return 0
-
-
-def summary_line(m: dict[str, Any]) -> str:
-    """The one line a finished run prints (the command line and ``dfqkit.quantize``)."""
-    teacher_labels = m.get("evaluation", {}).get("labels") == "teacher"
-    what = "agreement with the float teacher" if teacher_labels else "test top-1"
-    teacher = "" if teacher_labels else f"teacher {m['teacher']['test_top1']:.2f} | "
-    return (
-        f"{what}: {teacher}naive {m['naive']['test_top1']:.2f} | quantized best-val epoch "
-        f"{m['best']['epoch']}: {m['best']['test_top1']:.2f}, last {m['last']['test_top1']:.2f} "
-        f"| run directory: {m['output_dir']}"
-    )
 
 
 if __name__ == "__main__":

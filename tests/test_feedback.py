@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from dfqkit import train
+from dfqkit import checks
 from dfqkit.diagnose import run_labels
 from dfqkit.errors import ConfigError, MissingDependency
 from dfqkit.registry import _REGISTRY, Entry
@@ -161,10 +161,10 @@ def test_a_missing_optional_package_names_the_extra(monkeypatch):
 
 
 def test_accelerate_launch_asking_for_more_processes_than_it_started_is_said(monkeypatch, caplog):
-    monkeypatch.setattr(train, "_launched_processes", lambda: 2)
+    monkeypatch.setattr(checks, "launched_processes", lambda: 2)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with caplog.at_level(logging.WARNING):
-        train._check_launch()
+        checks.check_launch()
     assert "asked for 2 processes but started 1" in caplog.text and "torchrun" in caplog.text
 
 
