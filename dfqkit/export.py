@@ -185,7 +185,7 @@ def load_quantized(path: str | Path) -> nn.Module:
     layers = json.loads(meta["layers"])
     state = {}
     for name, module in student.named_modules():
-        if name in layers and layers[name]["kind"] in ("QuantConv2d", "QuantLinear"):
+        if name in layers and isinstance(module, QuantConv2d | QuantLinear):
             q = tensors.pop(f"{name}.weight.codes").float()
             scale = tensors.pop(f"{name}.weight.scale")
             zero_point = tensors.pop(f"{name}.weight.zero_point")

@@ -1,3 +1,6 @@
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -118,3 +121,32 @@ def test_vit_onnx_export_intercepts_the_attention_operands(teacher_env, tmp_path
     # ties that float-rounding differences flip; with the zoo's full teacher the agreement is
     # 99.67 % (docs/results.md). Here: at least 99 %.
     assert agree / total >= 0.99
+
+
+def test_tf_same_padding_convolutions_export_with_their_padding():
+    """timm's Conv2dSame (the stem and stride-2 depthwise layers of tf_* EfficientNets) is
+    quantized and exported with its input-size-dependent padding."""
+    import copy
+
+    from timm.layers.conv2d_same import Conv2dSame
+    from torch import nn
+
+    from dfqkit.quant import QuantConfig, QuantConv2dSame, quantize_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Conv2dSame(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU6(),
+        Conv2dSame(8, 8, 3, stride=2, groups=8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    ).eval()  # fmt: skip
+    x = torch.randn(4, 3, 17, 17)
+    student = quantize_(copy.deepcopy(model), QuantConfig(w_bits=4, a_bits=8), x)
+    assert sum(isinstance(m, QuantConv2dSame) for m in student.modules()) == 2
+    student(x)
+    set_quant_mode(student, "frozen")
+    with torch.no_grad():
+        expected = student(x).numpy()
+    path = export_model_onnx(student, x[:1], Path(tempfile.mkdtemp()) / "same.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert abs(got - expected).max() < 1e-5 * max(1.0, abs(expected).max())

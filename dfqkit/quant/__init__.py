@@ -18,7 +18,7 @@ from dfqkit.quant.api import (
 )
 from dfqkit.quant.config import QuantConfig
 from dfqkit.quant.functional import fake_quant, minmax_qparams, quantize_codes
-from dfqkit.quant.modules import QuantConv2d, QuantLinear
+from dfqkit.quant.modules import QuantConv2d, QuantConv2dSame, QuantLinear
 from dfqkit.quant.policies import POLICIES
 from dfqkit.quant.weight_adaround import AdaRoundWeightQuantizer
 from dfqkit.quant.weight_minmax import MinMaxWeightQuantizer
@@ -36,6 +36,7 @@ __all__ = [
     "MinMaxWeightQuantizer",
     "QuantConfig",
     "QuantConv2d",
+    "QuantConv2dSame",
     "QuantLinear",
     "SymmetricWeightQuantizer",
     "act_quantizers",

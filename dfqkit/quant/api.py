@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from dfqkit.quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
 from dfqkit.quant.policies import POLICIES
 
 FilterFn = Callable[[nn.Module, str], bool]
+logger = logging.getLogger(__name__)
 
 
 def _swap_layers(
@@ -23,6 +25,7 @@ def _swap_layers(
     first = run.layer_order[0] if run.layer_order else None
     last = run.layer_order[-1] if run.layer_order else None
     swapped: dict[int, nn.Module] = {}  # by layer object: a shared layer stays shared
+    unknown: list[str] = []
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) not in swapped:
             quant_cls = next(
@@ -33,7 +36,12 @@ def _swap_layers(
                 ),
                 None,
             )
-            if quant_cls is None or (filter_fn is not None and not filter_fn(module, name)):
+            if not isinstance(module, tuple(QUANT_MODULES)):
+                continue
+            if filter_fn is not None and not filter_fn(module, name):
+                continue
+            if quant_cls is None:
+                unknown.append(f"{name} ({type(module).__name__})")
                 continue
             bits = config.weight_bits(first=name == first, last=name == last)
             swapped[id(module)] = quant_cls.from_float(
@@ -43,6 +51,14 @@ def _swap_layers(
             return swapped[id(module)]  # the model is a single layer
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, swapped[id(module)])
+    if unknown:
+        logger.warning(
+            f"{len(unknown)} of {len(unknown) + len(swapped)} convolution/linear layers stay in "
+            f"float: their class overrides forward and dfqkit has no quantized version of it "
+            f"({', '.join(unknown[:8])}{', ...' if len(unknown) > 8 else ''}); register one in "
+            "dfqkit.quant.modules.QUANT_MODULES, or pass a filter_fn that excludes them to "
+            "silence this"
+        )
     return model
 
 
@@ -55,7 +71,9 @@ def quantize_(
     """Quantize ``model`` in place: fake-quantized conv/linear weights plus activation quantizers.
 
     Every ``nn.Conv2d``/``nn.Linear`` (subclasses too, unless they override ``forward``) becomes
-    a :class:`QuantConv2d`/:class:`QuantLinear` sharing the float layer's parameters, with a
+    a :class:`QuantConv2d`/:class:`QuantLinear` (timm's ``Conv2dSame`` a
+    :class:`QuantConv2dSame`; any other subclass that overrides ``forward`` stays float, with a
+    warning naming it) sharing the float layer's parameters, with a
     weight quantizer from ``config.weight_quantizer``; the first and last layers in execution
     order get ``first_layer_bits``/``last_layer_bits``. Then ``config.policy`` places the
     activation quantizers (in ``"observe"`` mode). One forward on ``example_inputs`` in eval

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from timm.layers.conv2d_same import Conv2dSame
+from timm.layers.padding import pad_same
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -46,6 +48,12 @@ class QuantConv2d(nn.Conv2d):
             A ``QuantConv2d`` in the same train/eval mode as ``module``.
         """
         _check_float(module, nn.Conv2d, cls)
+        return cls._sharing(module, weight_quant=weight_quant, input_quant=input_quant)
+
+    @classmethod
+    def _sharing(
+        cls, module: nn.Conv2d, *, weight_quant: nn.Module, input_quant: nn.Module | None
+    ) -> QuantConv2d:
         new = cls(
             module.in_channels,
             module.out_channels,
@@ -72,6 +80,31 @@ class QuantConv2d(nn.Conv2d):
         """``(b, c_in, h, w) -> (b, c_out, h', w')``."""
         if self.input_quant is not None:
             x = self.input_quant(x)
+        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+
+
+class QuantConv2dSame(QuantConv2d):
+    """timm's ``Conv2dSame`` (TensorFlow "SAME" padding, computed from the input size at every
+    call: the stem and the stride-2 depthwise convolutions of timm's ``tf_*`` EfficientNets)
+    computing with a fake-quantized weight. The input is quantized (when ``input_quant`` is set)
+    before it is zero-padded, as an integer kernel pads its integer input."""
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Conv2d, *, weight_quant: nn.Module, input_quant: nn.Module | None
+    ) -> QuantConv2dSame:
+        if isinstance(module, QuantConv2d):
+            raise ValueError(f"{type(module).__name__} is already quantized")
+        if type(module) is not Conv2dSame:
+            raise ValueError(f"{cls.__name__}.from_float expects a timm Conv2dSame, got "
+                             f"{type(module).__name__}")  # fmt: skip
+        return cls._sharing(module, weight_quant=weight_quant, input_quant=input_quant)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(b, c_in, h, w) -> (b, c_out, ceil(h / stride), ceil(w / stride))``."""
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        x = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
         return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
 
 
@@ -122,6 +155,7 @@ class QuantLinear(nn.Linear):
 
 
 QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
+    Conv2dSame: QuantConv2dSame,
     nn.Conv2d: QuantConv2d,
     nn.Linear: QuantLinear,
 }

@@ -193,3 +193,45 @@ def test_untraceable_model_fails_with_advice():
         quantize_(Untraceable(), W4A4, X)
     config = QuantConfig(w_bits=4, a_bits=4, policy="layer_inputs", quantize_input=True)
     assert len(act_quantizers(quantize_(Untraceable(), config, X))) == 1
+
+
+def test_timm_conv2d_same_is_quantized_with_its_same_padding():
+    from timm.layers.conv2d_same import Conv2dSame
+
+    from dfqkit.quant import QuantConv2dSame
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dSame(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+    x = torch.randn(2, 3, 9, 9)  # odd size: "SAME" pads 0 before and 1 after at stride 2
+    model(x)
+    float_out = model[0](x)
+    q = quantize_(copy.deepcopy(model), QuantConfig(w_bits=3, a_bits=8), x)
+    conv = q[0]
+    assert type(conv) is QuantConv2dSame and conv.padding == (0, 0)
+    # an independent formulation: pad by hand as TensorFlow's "SAME" does (output ceil(9 / 2),
+    # the total padding split with the extra pixel after)
+    out_size = -(-9 // 2)  # ceil(9 / 2) = 5
+    total = max((out_size - 1) * 2 + 3 - 9, 0)  # 2
+    padded = F.pad(x, (total // 2, total - total // 2, total // 2, total - total // 2))
+    expected = F.conv2d(padded, conv.weight_quant(conv.weight), conv.bias, stride=2)
+    assert torch.equal(conv(x), expected) and expected.shape == float_out.shape
+    assert not torch.allclose(expected, float_out, atol=1e-3)  # the weight is quantized
+    hi = quantize_(copy.deepcopy(model), QuantConfig(w_bits=16, a_bits=16), x)[0]
+    torch.testing.assert_close(hi(x), float_out, atol=1e-3, rtol=1e-3)
+
+
+def test_a_layer_with_its_own_forward_stays_float_with_a_warning(caplog):
+    class Scaled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(Scaled(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    with caplog.at_level("WARNING"):
+        q = quantize_(model, W4A4, X)
+    assert type(q[0]) is Scaled and isinstance(q[2], QuantConv2d)
+    assert "1 of 2 convolution/linear layers stay in float" in caplog.text
+    assert "0 (Scaled)" in caplog.text
+    caplog.clear()
+    quantize_(plain, W4A4, X)
+    assert "stay in float" not in caplog.text
