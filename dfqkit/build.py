@@ -37,7 +37,7 @@ from dfqkit.generators.base import synthesize
 from dfqkit.losses.base import Loss
 from dfqkit.mixers import NoMixer
 from dfqkit.phases import Calibration, OneStepPerturbation, ReconstructionStage, noise_batch
-from dfqkit.quant import QuantConfig, act_quantizers, quantize_
+from dfqkit.quant import EMAActQuantizer, QuantConfig, act_quantizers, quantize_
 from dfqkit.run import MIXED_PRECISION, Run, Schedule
 
 logger = get_logger(__name__)
@@ -191,6 +191,8 @@ def build_run(
         acc, teacher, data, generator, mixer, losses, quant, schedule
     )
     _check_observed(student, calibration, calib_epochs)
+    updates = calib_epochs * iters_per_epoch * (2 if observe_in_both_steps else 1)
+    warn_inflated_ranges(student, naive=naive_batches, run=updates if calibration != "noise" else 0)
     stage = None
     if reconstruction is not None:
         stage = ReconstructionStage(reconstruction, teacher, student, example)
@@ -238,6 +240,37 @@ def _start_trackers(acc, out: Path, log_with: list, config: dict[str, Any]) -> N
     acc.project_configuration.logging_dir = str(out / "logs")
     acc.init_trackers("dfqkit", config=config)
     _check_trackers(acc, log_with)
+
+
+def ema_inflation(momentum: float, updates: int) -> float:
+    """The range GDFQ's bias-corrected EMA holds after ``updates`` updates of a constant batch
+    statistic 1.0 (:class:`~dfqkit.quant.EMAActQuantizer`): 1.0 once it has settled."""
+    value = 0.0
+    for t in range(1, updates + 1):
+        value = (momentum * value + (1.0 - momentum)) / (1.0 - momentum**t)
+    return value
+
+
+def warn_inflated_ranges(student: nn.Module, *, naive: int, run: int) -> None:
+    """Warn at start-up when a bias-corrected EMA quantizer (GDFQ's) will be frozen before it
+    settles: its range is then a multiple of the batch statistics."""
+    ema = [
+        q for q in act_quantizers(student) if isinstance(q, EMAActQuantizer) and q.bias_correction
+    ]
+    if not ema:
+        return
+    m = ema[0].momentum
+    for what, updates in (("the naive reference's noise batches", naive), ("calibration", run)):
+        factor = ema_inflation(m, updates)
+        if updates and factor > 1.05:
+            logger.warning(
+                f"{len(ema)} activation quantizers use GDFQ's bias-corrected EMA "
+                f"(bias_correction=True, momentum {m}) and {what} give them {updates} updates: "
+                f"their ranges will be frozen at about {factor:.3g}x the observed statistics "
+                f"(it settles after about 150 updates); give more updates "
+                "(train.naive_batches, train.calib_epochs x ITERS_PER_EPOCH) or set "
+                "quantizers.EMAActQuantizer.bias_correction = False (docs/quantization.md)"
+            )
 
 
 def _check_observed(student: nn.Module, calibration: str, calib_epochs: int) -> None:

@@ -44,7 +44,8 @@ class TrainState:
     def __init__(self) -> None:
         self.epochs_done = 0
         self.iterations = 0
-        self.train_seconds = 0.0
+        self.train_seconds = 0.0  # the epochs' iterations only
+        self.post_seconds = 0.0  # the post-training stage (reconstruction), if any
         self.history: list[dict[str, Any]] = []
         self.reference: dict[str, Any] = {}  # teacher / naive accuracies, computed once
         self.best: dict[str, Any] | None = None  # the selected evaluation (headline fields)

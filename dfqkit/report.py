@@ -108,7 +108,8 @@ def summarize(state, *, recipe: str, seed: int, quant, resumed_from: int | None)
         "iterations": state.iterations,
         "skipped_steps": dict(getattr(state, "skipped_steps", {})),
         "ms_per_iter": 1000 * state.train_seconds / max(state.iterations, 1),
-        "time_s": state.train_seconds,
+        "time_s": state.train_seconds + getattr(state, "post_seconds", 0.0),
+        "post_training_s": getattr(state, "post_seconds", 0.0),
         "history": state.history,
     }
 

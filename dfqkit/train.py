@@ -301,7 +301,7 @@ def _post_training(run: Run) -> None:
     units = stage.units
     for i in range(state.units_done, len(units)):
         loss, seconds = stage.reconstruct(run, i, images)
-        state.train_seconds += seconds
+        state.post_seconds = getattr(state, "post_seconds", 0.0) + seconds
         state.units_done = i + 1
         logger.info(
             f"reconstructed unit {i + 1}/{len(units)} ({units[i].name}): mean loss "

@@ -1,6 +1,8 @@
 """What a run tells its user: honest model selection, per-epoch feedback, and the one line
 printed when it stops early or cannot start a part."""
 
+import copy
+import functools
 import json
 import logging
 import subprocess
@@ -201,3 +203,31 @@ def test_metrics_json_keeps_only_evaluated_epochs_in_best_and_last(tmp_path):
                   resumed_from=None)  # fmt: skip
     assert m["last"] == {"epoch": 2, "test_top1": 40.0} and m["last5"]["test_top1"] == 40.0
     json.dumps(m)  # serializable
+
+
+def test_a_bias_corrected_ema_frozen_before_it_settles_is_warned(caplog):
+    from accelerate.state import PartialState
+    from torch import nn
+
+    from dfqkit.build import ema_inflation, warn_inflated_ranges
+    from dfqkit.quant import EMAActQuantizer, QuantConfig, quantize_
+
+    # by hand, m = 0.9 and a constant statistic 1.0: t=1: 0.1 / 0.1 = 1; t=2: (0.9 + 0.1) / 0.19
+    assert ema_inflation(0.9, 1) == pytest.approx(1.0)
+    assert ema_inflation(0.9, 2) == pytest.approx(1 / 0.19)
+    assert ema_inflation(0.9, 400) == pytest.approx(1.0)
+    PartialState()
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2))
+    for correct in (True, False):
+        quant = QuantConfig(
+            w_bits=4,
+            a_bits=4,
+            act_quantizer=functools.partial(EMAActQuantizer, bias_correction=correct),
+        )
+        student = quantize_(copy.deepcopy(net), quant, torch.zeros(1, 1, 4, 4))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            warn_inflated_ranges(student, naive=200, run=32)
+        assert ("frozen at about 2.49e+03x" in caplog.text) is correct
+        assert "calibration give them 32 updates" in caplog.text or not correct
+        assert "noise batches" not in caplog.text  # 200 naive updates have settled

@@ -135,6 +135,11 @@ def test_genie_recipe_reconstructs_every_unit_and_reports_that_result(teacher_en
     assert [h.get("stage") for h in m["history"]] == [None, "reconstructed"]
     assert m["best"]["test_top1"] == m["last"]["test_top1"] == m["history"][-1]["test_top1"]
     assert ckpt.latest_checkpoint(out).name == "epoch-0001-unit-0005"
+    # ms_per_iter is the epochs' iterations alone; the reconstruction is timed apart
+    assert m["post_training_s"] > 0
+    assert m["time_s"] == pytest.approx(
+        m["ms_per_iter"] * m["iterations"] / 1000 + m["post_training_s"]
+    )
     student = load_run(out).student_module
     w = [mod for mod in student.modules() if isinstance(mod, AdaRoundWeightQuantizer)]
     assert w and not any(q.soft for q in w)
