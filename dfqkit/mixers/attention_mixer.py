@@ -15,12 +15,9 @@ Every part can be switched off by one binding (the paper's sensitivity-study con
 * ``flow_steps = 0``: no flow attention; tokens ``t^j = m^j + z``;
 * ``blocks = 0``: no Transformer; the conditioning is the mean of the tokens.
 
-Where σ comes from is the binding ``sigma`` (the paper leaves it open; see SIGMA_READOUTS):
-``"token"`` (default) reads it from ``O^0``'s attention, so ``σ_i`` is a learned score of class
-``k_i`` alone, normalised over the classes drawn; ``"relation"`` adds a learned ``K × K``
-class-relation bias to those logits (the other reading of ``O^0``); ``"after_blocks"`` reads it
-with the output of Eq. 8 as the query, so it depends on the classes mixed together and on the
-sample's noise.
+Where σ comes from is the binding ``sigma`` (:mod:`dfqkit.mixers.sigma_readouts`): ``"token"``
+(default, the above), ``"relation"`` (plus a learned ``K × K`` class-relation bias) or
+``"after_blocks"`` (read with the Eq. 8 output as the query).
 
 Reference: "Enhancing Diversity for Data-free Quantization" (CVPR 2025), Eq. 4-8 and supplement.
 Reconstruction choices (token reading of ``O^0``, σ averaged over heads and levels, per-sample
@@ -37,13 +34,9 @@ from torch import nn
 from dfqkit.mixers.base import Mixer
 from dfqkit.mixers.flow_attention import FlowLevelAttention, LevelTransformer
 from dfqkit.mixers.level_embeddings import LevelEmbeddings
+from dfqkit.mixers.sigma_readouts import SIGMA_READOUTS, output_attention, relation_bias
 from dfqkit.registry import register
 from dfqkit.step import Step, SynthBatch
-
-#: where σ is read: O^0's attention over the class tokens; the same plus a learned K × K
-#: class-relation bias (the mean of R[k_i, k_l] over the partners l of class i); the attention
-#: of the Eq. 8 output (pooled tokens, before ``to_cond``) over the class tokens.
-SIGMA_READOUTS = ("token", "relation", "after_blocks")
 
 
 def _check_int(name: str, value: object, low: int) -> int:
@@ -199,15 +192,6 @@ class MultiLayerAttentionMixer(Mixer):
         mask[:, 1:] = mixed
         return classes, mask
 
-    def _relation_bias(self, classes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``(b, c)`` logit bias: the mean of ``R[k_i, k_l]`` over the classes ``l ≠ i`` taking
-        part (0 for a sample without partners)."""
-        c = classes.shape[1]
-        pair = self.relation[classes[:, :, None], classes[:, None, :]]  # (b, c, c)
-        eye = torch.eye(c, dtype=torch.bool, device=classes.device)
-        partners = mask[:, None, :] & ~eye  # (b, c, c): l takes part and l ≠ i
-        return (pair * partners).sum(-1) / partners.sum(-1).clamp_min(1)
-
     def _attend(
         self, tokens: torch.Tensor, mask: torch.Tensor, classes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,26 +209,12 @@ class MultiLayerAttentionMixer(Mixer):
         v = torch.einsum("jbcd,jde->jbce", tokens, self.wv).view(j, b, c, h, dh)
         logits = torch.einsum("jxhe,jbche->jbhc", q, k) / math.sqrt(dh)
         if self.relation is not None:
-            logits = logits + self._relation_bias(classes, mask)[None, :, None, :]
+            logits = logits + relation_bias(self.relation, classes, mask)[None, :, None, :]
         attn = logits.masked_fill(~mask[None, :, None, :], float("-inf")).softmax(-1)
         out = torch.einsum("jbhc,jbche->jbhe", attn, v).reshape(j, b, d)
         m = self.out_norm(self.o0 + torch.einsum("jbd,jde->jbe", out, self.wo))  # (J, b, D)
         sigma = attn.mean(dim=(0, 2))  # heads and levels averaged: (b, c)
         return m.transpose(0, 1), sigma
-
-    def _sigma_after_blocks(
-        self, g: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """σ ``(b, c)``: the attention of the Eq. 8 output ``g (b, D)`` (instead of ``O^0``) over
-        the class tokens ``(J, b, c, D)``, with the same projections, heads and levels averaged."""
-        j, b, c, d = tokens.shape
-        h = self.heads
-        dh = d // h
-        q = torch.einsum("bd,jde->jbe", g, self.wq).view(j, b, h, dh)
-        k = torch.einsum("jbcd,jde->jbce", tokens, self.wk).view(j, b, c, h, dh)
-        logits = torch.einsum("jbhe,jbche->jbhc", q, k) / math.sqrt(dh)
-        attn = logits.masked_fill(~mask[None, :, None, :], float("-inf")).softmax(-1)
-        return attn.mean(dim=(0, 2))
 
     def forward(self, batch: SynthBatch, generator: nn.Module) -> SynthBatch:
         labels = batch.labels
@@ -261,7 +231,7 @@ class MultiLayerAttentionMixer(Mixer):
             t = m + z[:, None, :]
         g = self.transformer(t) if self.transformer is not None else t.mean(1)
         if self.sigma == "after_blocks":
-            sigma = self._sigma_after_blocks(g, tokens, mask)
+            sigma = output_attention(g, tokens, self.wq, self.wk, mask, self.heads)
         targets = torch.zeros(b, self.num_classes, device=labels.device, dtype=sigma.dtype)
         targets = targets.scatter_add(1, classes, sigma)  # Σ σ_i onehot(k_i), differentiable
         return batch.replace(

@@ -7,7 +7,7 @@ import torch
 
 from dfqkit.generators import ConditionalGenerator
 from dfqkit.mixers import MultiLayerAttentionMixer
-from dfqkit.mixers.attention_mixer import SIGMA_READOUTS
+from dfqkit.mixers.sigma_readouts import SIGMA_READOUTS
 from dfqkit.models.mnist_resnet import mnist_resnet
 
 CPU = torch.device("cpu")
