@@ -15,6 +15,10 @@ Every part can be switched off by one binding (the paper's sensitivity-study con
 * ``flow_steps = 0``: no flow attention; tokens ``t^j = m^j + z``;
 * ``blocks = 0``: no Transformer; the conditioning is the mean of the tokens.
 
+Where σ comes from is the binding ``sigma`` (:mod:`dfqkit.mixers.sigma_readouts`): ``"token"``
+(default, the above), ``"relation"`` (plus a learned ``K × K`` class-relation bias) or
+``"after_blocks"`` (read with the Eq. 8 output as the query).
+
 Reference: "Enhancing Diversity for Data-free Quantization" (CVPR 2025), Eq. 4-8 and supplement.
 Reconstruction choices (token reading of ``O^0``, σ averaged over heads and levels, per-sample
 mixing with probability ``mix_prob`` as Qimera does) are documented in docs/methods/diversity.md.
@@ -30,6 +34,7 @@ from torch import nn
 from dfqkit.mixers.base import Mixer
 from dfqkit.mixers.flow_attention import FlowLevelAttention, LevelTransformer
 from dfqkit.mixers.level_embeddings import LevelEmbeddings
+from dfqkit.mixers.sigma_readouts import SIGMA_READOUTS, output_attention, relation_bias
 from dfqkit.registry import register
 from dfqkit.step import Step, SynthBatch
 
@@ -60,6 +65,8 @@ class MultiLayerAttentionMixer(Mixer):
         embed_epochs: epochs during which the level classifiers ``MLP^j`` train (the paper:
             warm-up / 5); frozen afterwards.
         embed_weight: weight of the classifiers' cross entropy in the generator step.
+        sigma: where the soft-label coefficients σ come from, one of ``SIGMA_READOUTS``
+            (``"relation"`` and ``"after_blocks"`` need ``heads >= 1``).
     """
 
     stage = "cond"
@@ -79,6 +86,7 @@ class MultiLayerAttentionMixer(Mixer):
         mlp_ratio: float = 2.0,
         embed_epochs: int = 4,
         embed_weight: float = 1.0,
+        sigma: str = "token",
     ) -> None:
         super().__init__()
         if num_classes is not None:
@@ -97,6 +105,17 @@ class MultiLayerAttentionMixer(Mixer):
         self.blocks = _check_int("blocks", blocks, 0)
         self.embed_epochs = _check_int("embed_epochs", embed_epochs, 0)
         self.embed_weight = float(embed_weight)
+        if sigma not in SIGMA_READOUTS:
+            raise ValueError(
+                f"MultiLayerAttentionMixer.sigma must be one of {SIGMA_READOUTS}, got {sigma!r}"
+            )
+        if sigma != "token" and not heads:
+            raise ValueError(
+                f"MultiLayerAttentionMixer.sigma={sigma!r} reads the mixer's attention, which "
+                "heads = 0 removes (random coefficients); use sigma='token' or heads >= 1"
+            )
+        self.sigma = sigma
+        self.relation: nn.Parameter | None = None
         for name, h in (("heads", heads), ("flow_heads", flow_heads)):
             if h and dim % h:
                 raise ValueError(
@@ -134,13 +153,17 @@ class MultiLayerAttentionMixer(Mixer):
             self.embeddings = LevelEmbeddings(self.levels, num_classes, self.dim)
         else:
             self.table = nn.Parameter(torch.randn(1, num_classes, self.dim))
+        if self.sigma == "relation":
+            # zero: starts as the token reading; draws nothing from the RNG
+            self.relation = nn.Parameter(torch.zeros(num_classes, num_classes))
 
     def bind(self, *, teacher: nn.Module, generator: nn.Module, example: torch.Tensor) -> None:
         gen = getattr(generator, "module", generator)
         if self.num_classes is None:
             self._build_class_parts(gen.num_classes)
-            if self.table is not None:
-                self.table.data = self.table.data.to(example.device)
+            for param in (self.table, self.relation):
+                if param is not None:
+                    param.data = param.data.to(example.device)
         if self.embeddings is not None:
             self.embeddings.bind(teacher, example)
             self.embeddings.to(example.device)
@@ -170,7 +193,7 @@ class MultiLayerAttentionMixer(Mixer):
         return classes, mask
 
     def _attend(
-        self, tokens: torch.Tensor, mask: torch.Tensor
+        self, tokens: torch.Tensor, mask: torch.Tensor, classes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``tokens (J, b, c, D)`` → mixed level tokens ``m (b, J, D)`` and ``σ (b, c)``."""
         j, b, c, d = tokens.shape
@@ -185,6 +208,8 @@ class MultiLayerAttentionMixer(Mixer):
         k = torch.einsum("jbcd,jde->jbce", tokens, self.wk).view(j, b, c, h, dh)
         v = torch.einsum("jbcd,jde->jbce", tokens, self.wv).view(j, b, c, h, dh)
         logits = torch.einsum("jxhe,jbche->jbhc", q, k) / math.sqrt(dh)
+        if self.relation is not None:
+            logits = logits + relation_bias(self.relation, classes, mask)[None, :, None, :]
         attn = logits.masked_fill(~mask[None, :, None, :], float("-inf")).softmax(-1)
         out = torch.einsum("jbhc,jbche->jbhe", attn, v).reshape(j, b, d)
         m = self.out_norm(self.o0 + torch.einsum("jbd,jde->jbe", out, self.wo))  # (J, b, D)
@@ -196,9 +221,7 @@ class MultiLayerAttentionMixer(Mixer):
         b = labels.shape[0]
         classes, mask = self._draw_classes(labels)
         tokens = self._table()[:, classes]  # (J, b, c, D)
-        m, sigma = self._attend(tokens, mask)
-        targets = torch.zeros(b, self.num_classes, device=labels.device, dtype=sigma.dtype)
-        targets = targets.scatter_add(1, classes, sigma)  # Σ σ_i onehot(k_i), differentiable
+        m, sigma = self._attend(tokens, mask, classes)
         z = batch.z
         if z is None or z.shape[-1] != self.dim:
             z = torch.randn(b, self.dim, device=labels.device)
@@ -207,6 +230,10 @@ class MultiLayerAttentionMixer(Mixer):
         else:
             t = m + z[:, None, :]
         g = self.transformer(t) if self.transformer is not None else t.mean(1)
+        if self.sigma == "after_blocks":
+            sigma = output_attention(g, tokens, self.wq, self.wk, mask, self.heads)
+        targets = torch.zeros(b, self.num_classes, device=labels.device, dtype=sigma.dtype)
+        targets = targets.scatter_add(1, classes, sigma)  # Σ σ_i onehot(k_i), differentiable
         return batch.replace(
             labels=targets.detach().argmax(1),
             targets=targets,
@@ -225,5 +252,6 @@ class MultiLayerAttentionMixer(Mixer):
         return (
             f"levels={self.levels}, dim={self.dim}, heads={self.heads}, "
             f"classes_per_sample={self.classes_per_sample}, mix_prob={self.mix_prob}, "
-            f"flow_steps={self.flow_steps}, blocks={self.blocks}, embed_epochs={self.embed_epochs}"
+            f"flow_steps={self.flow_steps}, blocks={self.blocks}, "
+            f"embed_epochs={self.embed_epochs}, sigma={self.sigma!r}"
         )
