@@ -109,6 +109,7 @@ class Taps:
         model_name: how error messages name the model.
         stage_parts: the part counts ``J`` requested for ``stages``.
         example: an example input (orders the blocks by execution for ``stages``).
+        bn_users: what needs ``bn_inputs`` and the fix, for the message of a BN-free model.
 
     Raises:
         ValueError: ``bn_inputs`` requested on a model without BatchNorm (e.g. a ViT), or an
@@ -125,6 +126,7 @@ class Taps:
         model_name: str = "model",
         stage_parts: Iterable[int] = (),
         example: torch.Tensor | None = None,
+        bn_users: str = "BNStatsLoss: remove it from train.losses",
     ):
         self.needs = frozenset(needs)
         unknown = self.needs - set(self.SUPPORTED)
@@ -141,8 +143,7 @@ class Taps:
                 raise ValueError(
                     f"a loss needs batch-norm statistics but {model_name} "
                     f"({type(model).__name__}) has no BatchNorm layer with running statistics; "
-                    "BN-free teachers such as ViTs cannot use BNStatsLoss: remove it from "
-                    "train.losses"
+                    f"BN-free teachers such as ViTs cannot use {bn_users}"
                 )
             for bn in bns:
                 self._handles.append(bn.register_forward_pre_hook(self._bn_input))

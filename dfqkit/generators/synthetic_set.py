@@ -419,7 +419,17 @@ class SyntheticSet(Generator):
         device = example.device
         needs = set().union(*(loss.needs for loss in self.synth_losses))
         parts = {loss.stage_parts for loss in self.synth_losses if "stages" in loss.needs}
-        taps = Taps(teacher, needs, model_name="the teacher", stage_parts=parts, example=example)
+        bn_users = ", ".join(
+            type(loss).__name__ for loss in self.synth_losses if "bn_inputs" in loss.needs
+        )
+        taps = Taps(
+            teacher, needs, model_name="the teacher", stage_parts=parts, example=example,
+            bn_users=f"{bn_users} (in generators.SyntheticSet.losses): ZeroQ, DSG and Genie "
+            "synthesize images by matching the teacher's BN statistics, so they cannot run on "
+            "it; use a method that synthesizes without them (for example PSAQ-ViT's patch "
+            "similarity, recipes/mnist/vit_psaq_w4a8.gin, or a generator recipe without "
+            "BNStatsLoss)",
+        )  # fmt: skip
         looks_back = self.group_batches is not None and any(
             hasattr(loss, "observe") for loss in self.synth_losses
         )

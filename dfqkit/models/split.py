@@ -13,6 +13,8 @@ points, "split evenly into J consecutive parts" (supplement, Fig. 3). dfqkit fin
   is not counted again, and a leading stem whose type differs from the most common block type
   (the CIFAR ResNet ``init_block``, MobileNetV2's first conv) is not a block: it belongs to the
   first part.
+* plain CNNs with neither (convolutions held directly as attributes, e.g. three convolutions
+  and two linear layers): every convolution is a unit, so the cuts fall on convolution outputs.
 
 Blocks are ordered by execution (one forward on an example input), so containers defined out of
 order still split correctly. The features of part ``j`` are the output of its last block; pool
@@ -88,11 +90,13 @@ def find_blocks(model: nn.Module, example: torch.Tensor | None = None) -> list[s
     found = _transformer_blocks(model)
     if found is None:
         found = _cnn_blocks(model)
+    if not found:  # a plain CNN (convolutions as direct attributes): each one is a unit
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, _CONV)]
     if not found:
         raise ValueError(
             f"cannot split {type(model).__name__} into parts: no chain of blocks found (looked "
-            "for transformer `blocks`/`layers[i].blocks` and for conv-bearing children of "
-            "nn.Sequential containers)"
+            "for transformer `blocks`/`layers[i].blocks`, for conv-bearing children of "
+            "nn.Sequential containers and for convolutions)"
         )
     if example is not None:
         order: dict[int, int] = {}

@@ -96,6 +96,27 @@ def test_a_model_without_blocks_is_refused():
         find_blocks(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))
 
 
+class PlainCNN(nn.Module):
+    """Convolutions as direct attributes, defined out of order, no BN (a small digit CNN)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+        return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
+
+
+def test_a_plain_cnn_splits_at_its_convolutions_in_execution_order():
+    model = PlainCNN()
+    assert find_blocks(model, torch.zeros(1, 1, 8, 8)) == ["c1", "c2", "c3"]
+    assert split_points(model, 3, torch.zeros(1, 1, 8, 8)) == ["c1", "c2", "c3"]
+
+
 def test_pool_features_shapes():
     x = torch.arange(24.0).view(1, 2, 3, 4)
     torch.testing.assert_close(pool_features(x), x.mean((2, 3)))
