@@ -162,3 +162,17 @@ def test_wrong_models_are_refused_in_one_line():
         CrossLayerEqualization()(quantized)
     with pytest.raises(ConfigError, match="relu6 must be one of"):
         CrossLayerEqualization(relu6="clip")
+
+
+class _FunctionalRelu6(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 3, 1), nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.b(nn.functional.relu6(self.a(x)))
+
+
+def test_a_functional_relu6_is_never_replaced():
+    with pytest.raises(ConfigError, match=r"F\.relu6 \(a function, never replaced\)"):
+        CrossLayerEqualization(relu6="relu")(_FunctionalRelu6())

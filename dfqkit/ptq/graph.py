@@ -103,7 +103,9 @@ def activation(graph: fx.GraphModule, node: fx.Node) -> Activation | None:
             return Activation("other", what=type(m).__name__)
         return None
     if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-        return Activation(_RELU_FUNCTIONS[node.target])
+        kind = _RELU_FUNCTIONS[node.target]
+        what = "F.relu6 (a function, never replaced)" if kind == "relu6" else ""
+        return Activation(kind, what=what)
     if node.op == "call_method" and node.target in ("relu", "relu_"):
         return Activation("relu")
     if node.op == "call_function" and node.target in (F.gelu, F.silu, F.hardtanh, torch.sigmoid):
@@ -183,7 +185,7 @@ def _pair_reason(node, cur, first, second, norm, act, calls, graph) -> str:
         return f"the batch norm {norm.target} {_norm_ok(graph.get_submodule(norm.target))}"
     if act is not None and not act.homogeneous:
         fix = ""
-        if act.kind == "relu6":
+        if act.kind == "relu6" and not act.what:
             fix = " (CrossLayerEqualization.relu6 = 'relu' replaces ReLU6 by ReLU)"
         return f"the activation {act.what or act.kind} is not positively homogeneous{fix}"
     return ""
