@@ -176,3 +176,22 @@ class _FunctionalRelu6(nn.Module):
 def test_a_functional_relu6_is_never_replaced():
     with pytest.raises(ConfigError, match=r"F\.relu6 \(a function, never replaced\)"):
         CrossLayerEqualization(relu6="relu")(_FunctionalRelu6())
+
+
+def test_torchvision_mobilenet_v2_with_relu6_replaced():
+    from torchvision.models import mobilenet_v2
+
+    model = _randomize(mobilenet_v2(width_mult=0.25), seed=3)
+    reference = copy.deepcopy(model)
+    replace_relu6(reference)
+    found = CrossLayerEqualization(relu6="relu")(model)
+    # expand → depthwise and depthwise → project inside blocks 2-17, depthwise → project in block
+    # 1 (no expansion; at this width it has a residual add, so the stem is skipped), and the
+    # last linear bottleneck → the final 1×1 conv (no activation in between, no add)
+    names = [(p.first, p.second) for p in found]
+    assert len(found) == 32 + 1 + 1
+    assert ("features.2.conv.0.0", "features.2.conv.1.0") in names
+    assert ("features.17.conv.2", "features.18.0") in names
+    assert not any(p.first == "features.0.0" for p in found)
+    x = torch.randn(2, 3, 32, 32)
+    _same(model(x), reference(x))
