@@ -195,3 +195,34 @@ def test_torchvision_mobilenet_v2_with_relu6_replaced():
     assert not any(p.first == "features.0.0" for p in found)
     x = torch.randn(2, 3, 32, 32)
     _same(model(x), reference(x))
+
+
+def test_equalized_pair_quantizes_better_with_per_tensor_weights():
+    from functools import partial
+
+    from dfqkit.quant import MinMaxWeightQuantizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 16, 1), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    spread = torch.logspace(-2, 1, 16)[torch.randperm(16)]
+    with torch.no_grad():  # unbalanced channels, the same function (a channel's small range in
+        # the first layer is made up for in the second, as in trained networks)
+        model[0].weight.mul_(spread.view(-1, 1, 1, 1))
+        model[0].bias.mul_(spread)
+        model[2].weight.div_(spread.view(1, -1, 1, 1))
+    config = QuantConfig(
+        w_bits=4,
+        a_bits=16,
+        policy="layer_inputs",
+        weight_quantizer=partial(MinMaxWeightQuantizer, per_channel=False),
+    )
+    x = torch.randn(64, 4, 4, 4)
+
+    def error(m):
+        student = quantize_(copy.deepcopy(m), config, x)
+        with torch.no_grad():
+            return float((student(x) - m(x)).pow(2).mean() / m(x).pow(2).mean())
+
+    plain = error(model)
+    CrossLayerEqualization()(model)
+    assert error(model) < plain / 10, (error(model), plain)
