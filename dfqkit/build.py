@@ -37,7 +37,8 @@ from dfqkit.generators.base import synthesize
 from dfqkit.losses.base import Loss
 from dfqkit.mixers import NoMixer
 from dfqkit.phases import Calibration, OneStepPerturbation, ReconstructionStage, noise_batch
-from dfqkit.quant import EMAActQuantizer, QuantConfig, act_quantizers, quantize_
+from dfqkit.ptq import check_transforms, quantize_with
+from dfqkit.quant import EMAActQuantizer, QuantConfig, act_quantizers
 from dfqkit.run import MIXED_PRECISION, Run, Schedule
 
 logger = get_logger(__name__)
@@ -82,6 +83,7 @@ def build_run(
     perturbation_eps: float = 0.0,
     observe_in_both_steps: bool = False,
     reconstruction: Any | None = None,
+    transforms: Sequence[Any] = (),
     recipe: str = "",
     output_dir: str | Path,
     for_training: bool = True,
@@ -137,6 +139,10 @@ def build_run(
         reconstruction: a post-training stage run after the last epoch, unit by unit, with a
             checkpoint after each (``@ptq.BlockReconstruction()``, Genie-M); its result is
             reported as both best and last. Needs ``warmup_epochs >= epochs``.
+        transforms: data-free transforms applied around quantization, to the student and to
+            the naive reference alike (:func:`dfqkit.ptq.quantize_with`): e.g.
+            ``[@ptq.CrossLayerEqualization(), @ptq.BiasCorrection()]`` (docs/ptq.md). Empty
+            (the default): the student is ``quantize_`` of the teacher's copy, nothing else.
         recipe: the recipe's name, recorded in the metrics (the run directory layer sets it).
         output_dir: the run directory (set by the caller, not by gin).
         for_training: ``False`` builds the run to inspect, export or benchmark it: no
@@ -155,6 +161,7 @@ def build_run(
         reconstruction=reconstruction,
         **{f"losses[{i}]": loss for i, loss in enumerate(losses)},
     )
+    transforms = check_transforms(transforms)
     schedule = Schedule(
         epochs=epochs,
         iters_per_epoch=iters_per_epoch,
@@ -188,7 +195,7 @@ def build_run(
         _start_trackers(acc, out, log_with, config)
     mixer = NoMixer() if mixer is None else mixer
     teacher, student, generator, mixer, data, example = _models(
-        acc, teacher, data, generator, mixer, losses, quant, schedule
+        acc, teacher, data, generator, mixer, losses, quant, schedule, transforms
     )
     _check_observed(student, calibration, calib_epochs)
     updates = calib_epochs * iters_per_epoch * (2 if observe_in_both_steps else 1)
@@ -230,6 +237,7 @@ def build_run(
         student_optimizer=student_opt,
         calibration=Calibration(calibration, epochs=calib_epochs, total_epochs=epochs),
         reconstruction=stage,
+        transforms=transforms,
         state=state,
         trackers=log_with,
         example=example,
@@ -284,10 +292,11 @@ def _check_observed(student: nn.Module, calibration: str, calib_epochs: int) -> 
         )
 
 
-def _models(acc, teacher, data, generator, mixer, losses, quant, schedule: Schedule):
+def _models(acc, teacher, data, generator, mixer, losses, quant, schedule: Schedule, transforms):
     """The teacher, generator and mixer on the device, checked against each other; the mixer's
-    teacher-dependent parts bound; the student quantized from a copy of the teacher; evaluation
-    data labelled (or made) by the teacher where it asks for it."""
+    teacher-dependent parts bound; the student quantized from a copy of the teacher (with the
+    data-free transforms around it); evaluation data labelled (or made) by the teacher where it
+    asks for it."""
     device = acc.device
     teacher = teacher.to(device).eval().requires_grad_(False)
     generator, mixer = generator.to(device), mixer.to(device)
@@ -309,7 +318,8 @@ def _models(acc, teacher, data, generator, mixer, losses, quant, schedule: Sched
     for part in (generator, mixer):  # teacher-dependent parts are built before the optimizers
         if hasattr(part, "bind"):
             part.bind(teacher=teacher, generator=generator, example=example)
-    student = quantize_(copy.deepcopy(teacher), quant, example).requires_grad_(True).eval()
+    student = quantize_with(copy.deepcopy(teacher), quant, example, transforms)
+    student = student.requires_grad_(True).eval()
     return teacher, student, generator, mixer, data, example
 
 

@@ -34,7 +34,8 @@ from dfqkit import config as cfg
 from dfqkit.errors import ConfigError
 from dfqkit.export_config import student_config
 from dfqkit.export_onnx import export_onnx
-from dfqkit.quant import ActQuantizer, quantize_, set_quant_mode
+from dfqkit.ptq import quantize_with
+from dfqkit.quant import ActQuantizer, set_quant_mode
 from dfqkit.quant.codes import pack_codes, weight_codes
 from dfqkit.quant.modules import QuantConv2d, QuantLinear
 from dfqkit.rundir import load_run, record_model, recorded_model
@@ -156,7 +157,11 @@ def _build_float_model_and_config():
         gin.bind_parameter(f"{teacher_ref.configurable.name}.weights", None)
     model = copy.deepcopy(teacher_ref)  # gin evaluates a reference when it is deep-copied
     quant = copy.deepcopy(gin.query_parameter("train.quant"))
-    return model, quant
+    try:
+        transforms = copy.deepcopy(gin.query_parameter("train.transforms"))
+    except ValueError:  # not bound: none
+        transforms = []
+    return model, quant, transforms
 
 
 def load_quantized(path: str | Path) -> nn.Module:
@@ -177,11 +182,12 @@ def load_quantized(path: str | Path) -> nn.Module:
     gin.clear_config()
     try:
         gin.parse_config(student_config(meta["operative_config"]))
-        model, quant = _build_float_model_and_config()
+        model, quant, transforms = _build_float_model_and_config()
     finally:
         gin.clear_config()
     shape = json.loads(meta["input_shape"])
-    student = quantize_(model, quant, torch.zeros(2, *shape))
+    # the transforms rebuild the student's structure (their values are overwritten below)
+    student = quantize_with(model, quant, torch.zeros(2, *shape), transforms)
     layers = json.loads(meta["layers"])
     state = {}
     for name, module in student.named_modules():

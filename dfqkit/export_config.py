@@ -27,6 +27,9 @@ from dfqkit import config as cfg
 
 #: the ``train`` parameters a student is rebuilt from (:func:`dfqkit.export.load_quantized`)
 ROOTS: tuple[tuple[str, str], ...] = (("train", "teacher"), ("train", "quant"))
+#: kept with what they reach when the run bound them: the data-free transforms change the
+#: student's structure (ReLU6 → ReLU, a bias added), so a rebuild applies them again
+OPTIONAL_ROOTS: tuple[tuple[str, str], ...] = (("train", "transforms"),)
 
 
 class _Reference:
@@ -96,12 +99,18 @@ def _defining_modules(names: set[str]) -> set[str] | None:
     return modules
 
 
-def student_config(operative_config: str, roots: tuple[tuple[str, str], ...] = ROOTS) -> str:
-    """The gin text rebuilding ``train.teacher`` and ``train.quant`` and nothing else.
+def student_config(
+    operative_config: str,
+    roots: tuple[tuple[str, str], ...] = ROOTS,
+    optional: tuple[tuple[str, str], ...] = OPTIONAL_ROOTS,
+) -> str:
+    """The gin text rebuilding ``train.teacher`` and ``train.quant`` (and ``train.transforms``
+    when bound) and nothing else.
 
     Args:
         operative_config: A run's ``operative_config.gin`` text.
         roots: ``(configurable, parameter)`` bindings to keep with everything they reach.
+        optional: the same, kept only when the configuration binds them.
 
     Returns:
         A gin configuration: kept imports, macros, then bindings, one statement per line.
@@ -122,8 +131,10 @@ def student_config(operative_config: str, roots: tuple[tuple[str, str], ...] = R
             kept[id(b)] = b
         queue.append((b.value, scopes))
 
-    for selector, arg in roots:
+    for selector, arg in (*roots, *optional):
         found = [b for b in bindings if (b.scope, b.selector, b.arg_name) == ("", selector, arg)]
+        if not found and (selector, arg) in optional:
+            continue
         if not found:
             raise ValueError(f"the configuration has no binding {selector}.{arg}")
         for b in found:

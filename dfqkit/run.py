@@ -118,6 +118,8 @@ class Run:
     student_optimizer: torch.optim.Optimizer
     calibration: Any
     reconstruction: Any | None
+    #: the data-free transforms around quantization (``train.transforms``), for the reference
+    transforms: list[Any]
     state: ckpt.TrainState
     trackers: list[str]
     example: torch.Tensor

@@ -41,7 +41,8 @@ from dfqkit.engine import Phase
 from dfqkit.errors import ConfigError, NonFiniteLossError, RunInterrupted, SetupError
 from dfqkit.evaluate import evaluate
 from dfqkit.phases import noise_batch
-from dfqkit.quant import quantize_, set_quant_mode, sync_quantizers
+from dfqkit.ptq import quantize_with
+from dfqkit.quant import set_quant_mode, sync_quantizers
 from dfqkit.recipes import describe as describe_recipe
 from dfqkit.report import (
     epoch_line,
@@ -136,13 +137,14 @@ def prepare(run: Run, *, resume: bool) -> int | None:
 
 
 def _references(run: Run) -> None:
-    """The teacher's accuracy, and the naive student's: quantized alike, its activation ranges
-    observed on ``naive_batches`` noise batches, no training (the floor to beat)."""
+    """The teacher's accuracy, and the naive student's: quantized alike (the same data-free
+    transforms included), its activation ranges observed on ``naive_batches`` noise batches, no
+    training (the floor to beat)."""
     schedule, data, device = run.schedule, run.data, run.device
     set_seed(schedule.seed)
     test = run.loaders["test"]
     teacher_eval = evaluate(run.teacher, test, device=device, accelerator=run.accelerator)
-    naive = quantize_(copy.deepcopy(run.teacher), run.quant, run.example)
+    naive = quantize_with(copy.deepcopy(run.teacher), run.quant, run.example, run.transforms)
     with torch.no_grad():
         for _ in range(schedule.naive_batches):
             naive(noise_batch(data, schedule.batch_size, device))

@@ -1,9 +1,26 @@
-"""dfqkit.ptq: post-training quantization stages that run after calibration.
+"""dfqkit.ptq: post-training quantization stages and data-free transforms.
 
-Importing this package registers ``@ptq.BlockReconstruction`` (Genie-M), bound in a recipe as
-``train.reconstruction = @ptq.BlockReconstruction()``.
+Importing this package registers
+
+* ``@ptq.BlockReconstruction`` (Genie-M), run after calibration:
+  ``train.reconstruction = @ptq.BlockReconstruction()``;
+* the data-free transforms of ``train.transforms`` (Nagel et al., ICCV 2019), applied to the
+  student and the naive reference alike: ``@ptq.CrossLayerEqualization()`` on the float model
+  before quantization, ``@ptq.BiasCorrection()`` on the quantized one.
 """
 
+from dfqkit.ptq.bias_correction import BiasCorrection
+from dfqkit.ptq.cross_layer_equalization import CrossLayerEqualization
 from dfqkit.ptq.reconstruction import DEFAULT_UNITS, BlockReconstruction, Unit
+from dfqkit.ptq.transforms import Transform, check_transforms, quantize_with
 
-__all__ = ["DEFAULT_UNITS", "BlockReconstruction", "Unit"]
+__all__ = [
+    "DEFAULT_UNITS",
+    "BiasCorrection",
+    "BlockReconstruction",
+    "CrossLayerEqualization",
+    "Transform",
+    "Unit",
+    "check_transforms",
+    "quantize_with",
+]
