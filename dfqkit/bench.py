@@ -2,7 +2,7 @@
 
     python -m dfqkit.bench accuracy --gin R1.gin R2.gin ... --seeds 0 1 2 --out DIR [--jobs N]
     python -m dfqkit.bench speed --gin R.gin [--batch N] [--threads T] [--iters N] [--json FILE]
-                                 [--channels_last] [--compile]
+                                 [--channels_last] [--compile] [--tune_malloc]
     python -m dfqkit.bench calibration --gin R.gin [--batches N] [--scales F ...] [--json FILE]
 
 ``accuracy`` runs every recipe for every seed (each run in its own process, resumed if a
@@ -15,6 +15,7 @@ process CPU time per iteration (steadier than wall time on a machine shared with
 ``--channels_last`` puts teacher, student and generator in ``channels_last`` memory format and
 ``--compile`` wraps teacher and student in ``torch.compile`` (both change the floating-point
 summation order, so results are not bit-identical to the default layout; measured options).
+``--tune_malloc`` keeps freed memory for reuse (:mod:`dfqkit.allocator`; numerically neutral).
 ``calibration`` asks how much a recipe's untrained quantized student depends on where its
 activation ranges come from: it observes them on Gaussian noise (the naive reference), on real
 training images (a real-data reference, not DFQ) and, with ``--run DIR``, on that run's
@@ -41,6 +42,7 @@ from typing import Any
 import gin
 import torch
 
+from dfqkit import allocator
 from dfqkit import config as cfg
 from dfqkit.bench_reference import reference_iteration_ms
 from dfqkit.build import build_run
@@ -74,6 +76,7 @@ def speed(
     reference: str | None = None,
     channels_last: bool = False,
     compile: bool = False,
+    tune_malloc: bool = False,
 ) -> dict[str, Any]:
     """Time the recipe's steady-state training iteration (built by the gin root like any run,
     on random weights and synthetic data); returns the figures.
@@ -86,6 +89,7 @@ def speed(
         raise cfg.ConfigError(f"--reference must be 'gdfq', got {reference!r}")
     if threads:
         torch.set_num_threads(threads)
+    malloc_tuned = allocator.tune_malloc() if tune_malloc else False
     bindings = list(SPEED_BINDINGS) + list(params)
     if batch:
         bindings.append(f"BATCH_SIZE = {batch}")
@@ -133,6 +137,7 @@ def speed(
         "implementation": f"reference:{reference}" if reference else "dfqkit",
         "channels_last": channels_last,
         "compile": compile,
+        "malloc_tuned": malloc_tuned,
         "batch_size": bs,
         "threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -436,6 +441,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.bench") -> in
         action="store_true",
         help="torch.compile teacher and student (not bit-identical)",
     )
+    spd.add_argument(
+        "--tune_malloc",
+        action="store_true",
+        help="keep freed memory for reuse (glibc; fewer page faults, same numbers)",
+    )
     spd.add_argument("--gin_param", action="append", default=[])
     cal = sub.add_parser("calibration", help="untrained accuracy per source of activation ranges")
     cal.add_argument("--gin", action="append", default=[])
@@ -482,6 +492,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.bench") -> in
             reference=args.reference,
             channels_last=args.channels_last,
             compile=args.compile,
+            tune_malloc=args.tune_malloc,
         )
     except cfg.ConfigError as err:
         print(f"{prog}: error: {cfg.one_line(err)}", file=sys.stderr)
