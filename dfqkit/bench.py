@@ -2,6 +2,7 @@
 
     python -m dfqkit.bench accuracy --gin R1.gin R2.gin ... --seeds 0 1 2 --out DIR [--jobs N]
     python -m dfqkit.bench speed --gin R.gin [--batch N] [--threads T] [--iters N] [--json FILE]
+                                 [--channels_last] [--compile] [--tune_malloc]
     python -m dfqkit.bench calibration --gin R.gin [--batches N] [--scales F ...] [--json FILE]
 
 ``accuracy`` runs every recipe for every seed (each run in its own process, resumed if a
@@ -9,7 +10,12 @@ checkpoint exists, skipped if its ``metrics.json`` exists) and writes ``DIR/resu
 std of test top-1 over seeds, with the teacher and naive rows), ``DIR/results.json`` and
 ``DIR/results.png``. ``speed`` times the recipe's training step on randomly initialised weights
 and synthetic inputs (no data, no checkpoint) and reports the median ms per iteration of the
-generator step, the student step and both, images per second and the peak memory.
+generator step, the student step and both, images per second and the peak memory, and the median
+process CPU time per iteration (steadier than wall time on a machine shared with other jobs).
+``--channels_last`` puts teacher, student and generator in ``channels_last`` memory format and
+``--compile`` wraps teacher and student in ``torch.compile`` (both change the floating-point
+summation order, so results are not bit-identical to the default layout; measured options).
+``--tune_malloc`` keeps freed memory for reuse (:mod:`dfqkit.allocator`; numerically neutral).
 ``calibration`` asks how much a recipe's untrained quantized student depends on where its
 activation ranges come from: it observes them on Gaussian noise (the naive reference), on real
 training images (a real-data reference, not DFQ) and, with ``--run DIR``, on that run's
@@ -36,6 +42,7 @@ from typing import Any
 import gin
 import torch
 
+from dfqkit import allocator
 from dfqkit import config as cfg
 from dfqkit.bench_reference import reference_iteration_ms
 from dfqkit.build import build_run
@@ -67,6 +74,9 @@ def speed(
     warmup: int,
     params: Sequence[str] = (),
     reference: str | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+    tune_malloc: bool = False,
 ) -> dict[str, Any]:
     """Time the recipe's steady-state training iteration (built by the gin root like any run,
     on random weights and synthetic data); returns the figures.
@@ -79,6 +89,7 @@ def speed(
         raise cfg.ConfigError(f"--reference must be 'gdfq', got {reference!r}")
     if threads:
         torch.set_num_threads(threads)
+    malloc_tuned = allocator.tune_malloc() if tune_malloc else False
     bindings = list(SPEED_BINDINGS) + list(params)
     if batch:
         bindings.append(f"BATCH_SIZE = {batch}")
@@ -92,6 +103,7 @@ def speed(
             m: gin.query_parameter(f"%{m}")
             for m in ("NUM_CLASSES", "IMAGE_SIZE", "CHANNELS", "W_BITS", "A_BITS")
         }
+        cpu: list[float] = []
         timing["ms_per_iter"] = reference_iteration_ms(
             teacher,
             num_classes=macros["NUM_CLASSES"],
@@ -102,12 +114,20 @@ def speed(
             a_bits=macros["A_BITS"],
             iters=iters,
             warmup=warmup,
+            cpu=cpu,
         )
+        timing["cpu_ms_per_iter"] = 1000 * statistics.median(cpu)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             run = build_run(output_dir=tmp, for_training=False)
-            marks = time_iterations(run, warmup=warmup, iterations=iters)
+            if channels_last:
+                channels_last_(run)
+            if compile:
+                compile_(run)
+            cpu: list[float] = []
+            marks = time_iterations(run, warmup=warmup, iterations=iters, cpu=cpu)
         triples = [marks[i : i + 3] for i in range(0, len(marks), 3)]
+        timing["cpu_ms_per_iter"] = 1000 * statistics.median(cpu)
         timing["ms_generator_step"] = 1000 * statistics.median(b - a for a, b, _ in triples)
         timing["ms_student_step"] = 1000 * statistics.median(c - b for _, b, c in triples)
         timing["ms_per_iter"] = 1000 * statistics.median(c - a for a, _, c in triples)
@@ -115,6 +135,9 @@ def speed(
     out = {
         "recipe": cfg.recipe_name(cfg.resolve_gin_file(gin_files[0])),
         "implementation": f"reference:{reference}" if reference else "dfqkit",
+        "channels_last": channels_last,
+        "compile": compile,
+        "malloc_tuned": malloc_tuned,
         "batch_size": bs,
         "threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -129,17 +152,35 @@ def speed(
     return out
 
 
-def time_iterations(run: Run, *, warmup: int, iterations: int) -> list[float]:
+def channels_last_(run: Run) -> None:
+    """Teacher, student and generator in ``channels_last`` memory format (in place)."""
+    for module in (run.teacher, run.student_module, run.generator):
+        module.to(memory_format=torch.channels_last)
+
+
+def compile_(run: Run) -> None:
+    """``torch.compile`` on teacher and student, in place (the engine keeps its references)."""
+    for module in (run.teacher, run.student_module):
+        module.compile()
+
+
+def time_iterations(
+    run: Run, *, warmup: int, iterations: int, cpu: list[float] | None = None
+) -> list[float]:
     """Time ``iterations`` steady-state iterations of ``run`` (generator and student step, ranges
     frozen) after ``warmup`` calibrating ones; returns three timestamps per iteration: start, end
-    of the generator step, end of the student step."""
+    of the generator step, end of the student step. With ``cpu`` (a list), also appends each
+    iteration's process CPU time in seconds."""
     set_quant_mode(run.student, "observe")
     for _ in range(warmup):
         run.engine.iteration(Phase(generator=True, observe=True, student=True), 0)
     set_quant_mode(run.student, "frozen")
     marks: list[float] = []
     for _ in range(iterations):
+        start = time.process_time()
         run.engine.iteration(Phase(generator=True, observe=False, student=True), 0, marks)
+        if cpu is not None:
+            cpu.append(time.process_time() - start)
     run.engine.pop_loss_means()
     return marks
 
@@ -390,6 +431,21 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.bench") -> in
         default=None,
         help="time the official GDFQ iteration (re-created) instead of dfqkit's",
     )
+    spd.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="teacher, student and generator in channels_last (not bit-identical)",
+    )
+    spd.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile teacher and student (not bit-identical)",
+    )
+    spd.add_argument(
+        "--tune_malloc",
+        action="store_true",
+        help="keep freed memory for reuse (glibc; fewer page faults, same numbers)",
+    )
     spd.add_argument("--gin_param", action="append", default=[])
     cal = sub.add_parser("calibration", help="untrained accuracy per source of activation ranges")
     cal.add_argument("--gin", action="append", default=[])
@@ -434,10 +490,15 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.bench") -> in
             warmup=args.warmup,
             params=args.gin_param,
             reference=args.reference,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            tune_malloc=args.tune_malloc,
         )
     except cfg.ConfigError as err:
         print(f"{prog}: error: {cfg.one_line(err)}", file=sys.stderr)
         return 2
+    layout = "".join(f", {name}" for name in ("channels_last", "compile") if res.get(name))
+    cpu = f" ({res['cpu_ms_per_iter']:.1f} ms CPU)" if "cpu_ms_per_iter" in res else ""
     steps = (
         f"generator step {res['ms_generator_step']:.1f} ms, student step "
         f"{res['ms_student_step']:.1f} ms, "
@@ -445,9 +506,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.bench") -> in
         else ""
     )
     print(
-        f"{res['recipe']} [{res['implementation']}]: batch {res['batch_size']}, "
+        f"{res['recipe']} [{res['implementation']}{layout}]: batch {res['batch_size']}, "
         f"{res['threads']} thread(s), {res['device']}: {steps}total {res['ms_per_iter']:.1f} "
-        f"ms/iter, {res['img_per_s']:.1f} img/s, peak RSS {res['peak_rss_mb']:.0f} MB"
+        f"ms/iter{cpu}, {res['img_per_s']:.1f} img/s, peak RSS {res['peak_rss_mb']:.0f} MB"
     )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")

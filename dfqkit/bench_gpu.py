@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from dfqkit import config as cfg
-from dfqkit.bench import SPEED_BINDINGS, time_iterations
+from dfqkit.bench import SPEED_BINDINGS, channels_last_, compile_, time_iterations
 from dfqkit.build import build_run
 from dfqkit.engine import Phase
 from dfqkit.quant import act_quantizers, set_quant_mode
@@ -71,14 +71,8 @@ def build(recipe: str, *, mixed: str, batch: int | None, params: Sequence[str], 
     return build_run(output_dir=tmp, for_training=False)
 
 
-def _channels_last(run: Run) -> None:
-    for module in (run.teacher, run.student_module, run.generator):
-        module.to(memory_format=torch.channels_last)
-
-
-def _compile(run: Run) -> None:
-    for module in (run.teacher, run.student_module):
-        module.compile()  # in place: the engine keeps its references
+_channels_last = channels_last_
+_compile = compile_  # (a module attribute, so tests can replace it)
 
 
 def _sync(device: torch.device) -> None:

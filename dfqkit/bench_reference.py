@@ -141,8 +141,10 @@ def reference_iteration_ms(
     a_bits: int,
     iters: int = 8,
     warmup: int = 2,
+    cpu: list[float] | None = None,
 ) -> float:
-    """Median milliseconds of one official-style GDFQ iteration (after warm-up)."""
+    """Median milliseconds of one official-style GDFQ iteration (after warm-up); with ``cpu``
+    (a list), also appends each timed iteration's process CPU time in seconds."""
     teacher = copy.deepcopy(teacher).eval()  # parameters keep requires_grad, as in the original
     student = _quantize_like_gdfq(copy.deepcopy(teacher), w_bits, a_bits).eval()
     gen = _Generator(num_classes, image_size, channels).train()
@@ -161,7 +163,7 @@ def reference_iteration_ms(
             m.register_forward_hook(hook)
     times = []
     for i in range(warmup + iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         z = torch.randn(batch_size, 100)
         labels = torch.randint(0, num_classes, (batch_size,))
         images = gen(z, labels)
@@ -185,4 +187,6 @@ def reference_iteration_ms(
         _ = (s_out.argmax(1).cpu().numpy(), t_out.argmax(1).cpu().numpy(), loss_s.item())
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.append(time.process_time() - c0)
     return 1000 * statistics.median(times)

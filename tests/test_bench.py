@@ -37,11 +37,13 @@ def test_accuracy_aggregates_existing_runs_into_table_json_and_plot(tmp_path):
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_speed_reports_step_times_on_random_weights(tmp_path):
+@pytest.mark.parametrize("layout", [[], ["--channels_last"]], ids=["nchw", "channels_last"])
+def test_speed_reports_step_times_on_random_weights(tmp_path, layout):
     out = tmp_path / "speed.json"
     code = bench.main(
         [
             "speed",
+            *layout,
             "--gin",
             "recipes/mnist/gdfq_w4a4.gin",
             "--batch",
@@ -60,6 +62,8 @@ def test_speed_reports_step_times_on_random_weights(tmp_path):
     res = json.loads(out.read_text())
     for key in ("ms_per_iter", "img_per_s", "peak_rss_mb", "ms_generator_step", "ms_student_step"):
         assert res[key] > 0
+    assert res["cpu_ms_per_iter"] > 0
+    assert res["channels_last"] is bool(layout) and res["compile"] is False
     assert res["batch_size"] == 4
     assert res["ms_per_iter"] == pytest.approx(
         res["ms_generator_step"] + res["ms_student_step"], rel=0.05

@@ -57,15 +57,19 @@ def _assert_same(a, b):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+HOST = pytest.mark.parametrize("on_host", [False, True], ids=["device", "host"])
+
+
+@HOST
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("bad", ["loss", "grad"])
-def test_a_skipped_step_leaves_parameters_and_state_exactly_as_they_were(name, bad):
+def test_a_skipped_step_leaves_parameters_and_state_exactly_as_they_were(name, bad, on_host):
     x1, x2 = torch.randn(5, 4), torch.randn(5, 4)
     runs = []
     for with_bad in (False, True):
         model = _model()
         opt = OPTIMIZERS[name](model.parameters())
-        guard = StepGuard(opt, torch.device("cpu"))
+        guard = StepGuard(opt, torch.device("cpu"), decide_on_host=on_host)
         _step(guard, model, x1)
         if with_bad:
             _step(guard, model, x2, bad=bad)
@@ -74,8 +78,9 @@ def test_a_skipped_step_leaves_parameters_and_state_exactly_as_they_were(name, b
     _assert_same(*runs)  # bit-identical to never having taken the bad step
 
 
+@HOST
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_a_bad_first_step_equals_a_fresh_start(name):
+def test_a_bad_first_step_equals_a_fresh_start(name, on_host):
     """The optimizer's lazily created state (moments, momentum buffer) is put back to a fresh
     start, so bad-then-good equals good alone."""
     x = torch.randn(5, 4)
@@ -83,7 +88,7 @@ def test_a_bad_first_step_equals_a_fresh_start(name):
     for with_bad in (False, True):
         model = _model()
         opt = OPTIMIZERS[name](model.parameters())
-        guard = StepGuard(opt, torch.device("cpu"))
+        guard = StepGuard(opt, torch.device("cpu"), decide_on_host=on_host)
         if with_bad:
             _step(guard, model, x, bad="loss")
         _step(guard, model, x)
@@ -92,8 +97,9 @@ def test_a_bad_first_step_equals_a_fresh_start(name):
     _assert_same(*runs)
 
 
+@HOST
 @pytest.mark.parametrize("bad", [None, "loss"])
-def test_a_skipped_step_also_puts_back_the_buffers_its_forward_changed(bad):
+def test_a_skipped_step_also_puts_back_the_buffers_its_forward_changed(bad, on_host):
     """BN running statistics (a generator in train mode) and an observer's range change in the
     forward, before the loss is known: a skipped step restores them, a good one keeps them."""
     from dfqkit.quant import EMAActQuantizer, set_quant_mode
@@ -103,7 +109,7 @@ def test_a_skipped_step_also_puts_back_the_buffers_its_forward_changed(bad):
                                 EMAActQuantizer(bits=4)).train()  # fmt: skip
     set_quant_mode(model, "observe")
     opt = torch.optim.Adam(model.parameters(), lr=0.1)
-    guard = StepGuard(opt, torch.device("cpu"), modules=[model])
+    guard = StepGuard(opt, torch.device("cpu"), modules=[model], decide_on_host=on_host)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     guard.begin()
     loss = model(torch.randn(8, 4)).square().mean()
@@ -119,9 +125,31 @@ def test_a_skipped_step_also_puts_back_the_buffers_its_forward_changed(bad):
         assert {"1.running_mean", "1.num_batches_tracked", "2.hi"} <= set(changed)
 
 
-def test_counts_skipped_steps_and_runs_in_a_row_across_pops():
+def test_begin_keeps_only_the_buffers_the_forward_can_change():
+    """An eval-mode BN and a frozen quantizer leave their buffers alone: nothing to keep."""
+    from dfqkit.quant import EMAActQuantizer, set_quant_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3),
+                                EMAActQuantizer(bits=4))  # fmt: skip
+    guard = StepGuard(torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"),
+                      modules=[model])  # fmt: skip
+    bn, quant = model[1], model[2]
+    set_quant_mode(model, "observe")
+    model.train()
+    assert {id(b) for b in guard.changing_buffers()} == {
+        id(b) for b in [*bn.buffers(), *quant.buffers()]
+    }
+    model.eval()
+    assert {id(b) for b in guard.changing_buffers()} == {id(b) for b in quant.buffers()}
+    set_quant_mode(model, "frozen")
+    assert guard.changing_buffers() == []
+
+
+@HOST
+def test_counts_skipped_steps_and_runs_in_a_row_across_pops(on_host):
     model = _model()
-    guard = StepGuard(torch.optim.SGD(model.parameters(), lr=0.1), torch.device("cpu"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = StepGuard(opt, torch.device("cpu"), decide_on_host=on_host)
     x = torch.randn(5, 4)
     for bad in (None, "loss", "loss", None, "grad"):
         _step(guard, model, x, bad=bad)
@@ -133,8 +161,10 @@ def test_counts_skipped_steps_and_runs_in_a_row_across_pops():
 
 
 def test_the_guarded_step_never_reads_a_value_on_the_host(monkeypatch):
+    """(The device path, which a GPU takes; on the CPU the guard reads the flag, no sync.)"""
     model = _model()  # (SGD: PyTorch's Adam itself reads its CPU step counter with .item())
-    guard = StepGuard(OPTIMIZERS["sgd_nesterov"](model.parameters()), torch.device("cpu"))
+    opt = OPTIMIZERS["sgd_nesterov"](model.parameters())
+    guard = StepGuard(opt, torch.device("cpu"), decide_on_host=False)
     x = torch.randn(5, 4)
 
     def sync(*_a, **_k):

@@ -41,7 +41,19 @@ class UpsampleConv2d(nn.Conv2d):
         o = self.out_channels
         bias = self.bias.repeat(4) if self.bias is not None else None
         y = F.conv2d(x, self.phase_kernels().to(x.dtype), bias, padding=1)  # (n, 4o, h+1, w+1)
-        return _InterleavePhases.apply(y.view(n, 2, 2, o, h + 1, w + 1))
+        channels_last = not y.is_contiguous() and y.is_contiguous(memory_format=_CL)
+        return _InterleavePhases.apply(y.view(n, 2, 2, o, h + 1, w + 1), channels_last)
+
+
+_CL = torch.channels_last
+
+
+def _new(like: torch.Tensor, shape: tuple[int, int, int, int], channels_last: bool, zero: bool):
+    """A fresh ``(n, c, h, w)`` tensor, NCHW or channels_last (the memory format of the
+    convolution around it, so elementwise ops next to it see one layout)."""
+    fmt = _CL if channels_last else torch.contiguous_format
+    out = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
+    return out.zero_() if zero else out
 
 
 class _InterleavePhases(torch.autograd.Function):
@@ -52,22 +64,25 @@ class _InterleavePhases(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, y: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         n, _, _, o, h1, w1 = y.shape
         h, w = h1 - 1, w1 - 1
-        out = y.new_empty(n, o, h, 2, w, 2)
+        ctx.channels_last = channels_last
+        full = _new(y, (n, o, 2 * h, 2 * w), channels_last, zero=False)
+        out = full.view(n, o, h, 2, w, 2)
         for a in (0, 1):
             for b in (0, 1):
                 out[:, :, :, a, :, b] = y[:, a, b, :, a : a + h, b : b + w]
-        return out.view(n, o, 2 * h, 2 * w)
+        return full
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         n, o, h2, w2 = grad.shape
         h, w = h2 // 2, w2 // 2
         g = grad.reshape(n, o, h, 2, w, 2)
-        gy = grad.new_zeros(n, 2, 2, o, h + 1, w + 1)
+        gy = _new(grad, (n, 4 * o, h + 1, w + 1), ctx.channels_last, zero=True)
+        gy = gy.view(n, 2, 2, o, h + 1, w + 1)
         for a in (0, 1):
             for b in (0, 1):
                 gy[:, a, b, :, a : a + h, b : b + w] = g[:, :, :, a, :, b]
-        return gy
+        return gy, None

@@ -22,11 +22,28 @@ def _rows(a: torch.Tensor) -> torch.Tensor:
     return a.reshape(-1, a.shape[-1])
 
 
+class _ChannelMean(torch.autograd.Function):
+    """``a.mean((0, 2, 3))`` whose backward returns ``grad / n`` expanded (stride 0) instead of
+    a full-size tensor: the same values (each element is the one division ``g_c / n``) without
+    a full-size division and allocation per layer; autograd adds it to the activation's other
+    gradients as before."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> torch.Tensor:
+        ctx.shape = a.shape
+        return a.mean((0, 2, 3))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = ctx.shape
+        return (grad / (b * h * w)).view(1, c, 1, 1).expand(b, c, h, w)
+
+
 def channel_profile(a: torch.Tensor) -> torch.Tensor:
     """Per-channel batch mean: ``(b, c, h, w)`` → ``(c,)``; ``(b, n, d)``, ``(b, d)`` → ``(d,)``."""
     a = a.float()
     if a.dim() == 4:
-        return a.mean((0, 2, 3))
+        return _ChannelMean.apply(a)
     return a.reshape(-1, a.shape[-1]).mean(0)
 
 
