@@ -208,8 +208,13 @@ CASES = {
     ),
     "BN-matching synthesis on a BN-free teacher": (
         "recipes/mnist/zeroq_w4a4.gin",
-        ["include 'gin/models/mnist_vit.gin'", "EPOCHS = 1", "SYNTH_IMAGES = 16",
-         "SYNTH_BATCH = 8", "SYNTH_ITERS = 2"],  # fmt: skip
+        [
+            "include 'gin/models/mnist_vit.gin'",
+            "EPOCHS = 1",
+            "SYNTH_IMAGES = 16",
+            "SYNTH_BATCH = 8",
+            "SYNTH_ITERS = 2",
+        ],  # fmt: skip
         ["ZeroQBNSLoss (in generators.SyntheticSet.losses)", "no BatchNorm", "PSAQ-ViT"],
     ),
     "mixer stage the generator cannot accept": (
