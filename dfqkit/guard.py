@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from dfqkit.errors import NonFiniteLossError
+from dfqkit.quant.act_base import ActQuantizer
 
 __all__ = ["NonFiniteLossError", "StepGuard"]
 
@@ -96,8 +97,6 @@ class StepGuard:
         """The modules' buffers that a forward in their current modes can change: all but those
         of a BatchNorm in eval mode (or without running statistics) and of a frozen activation
         quantizer (modules that override those classes' ``forward`` keep all theirs)."""
-        from dfqkit.quant.act_base import ActQuantizer
-
         seen: set[int] = set()
         out: list[torch.Tensor] = []
         for module in self.modules:
