@@ -195,7 +195,7 @@ def build_run(
         _start_trackers(acc, out, log_with, config)
     mixer = NoMixer() if mixer is None else mixer
     teacher, student, generator, mixer, data, example = _models(
-        acc, teacher, data, generator, mixer, losses, quant, schedule, transforms
+        acc, teacher, data, generator, mixer, losses, quant, schedule, transforms, reconstruction
     )
     _check_observed(student, calibration, calib_epochs)
     updates = calib_epochs * iters_per_epoch * (2 if observe_in_both_steps else 1)
@@ -292,7 +292,9 @@ def _check_observed(student: nn.Module, calibration: str, calib_epochs: int) -> 
         )
 
 
-def _models(acc, teacher, data, generator, mixer, losses, quant, schedule: Schedule, transforms):
+def _models(
+    acc, teacher, data, generator, mixer, losses, quant, schedule: Schedule, transforms, stage
+):
     """The teacher, generator and mixer on the device, checked against each other; the mixer's
     teacher-dependent parts bound; the student quantized from a copy of the teacher (with the
     data-free transforms around it); evaluation data labelled (or made) by the teacher where it
@@ -315,11 +317,18 @@ def _models(acc, teacher, data, generator, mixer, losses, quant, schedule: Sched
         trains_student=schedule.trains_student,
     )
     example = noise_batch(data, 2, device)
+    # the student first (it draws no random numbers), so that what is checked on it fails
+    # before a synthetic set is synthesized
+    student = quantize_with(copy.deepcopy(teacher), quant, example, transforms)
+    student = student.requires_grad_(True).eval()
+    if stage is not None:
+        try:
+            stage.check(student)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     for part in (generator, mixer):  # teacher-dependent parts are built before the optimizers
         if hasattr(part, "bind"):
             part.bind(teacher=teacher, generator=generator, example=example)
-    student = quantize_with(copy.deepcopy(teacher), quant, example, transforms)
-    student = student.requires_grad_(True).eval()
     return teacher, student, generator, mixer, data, example
 
 
