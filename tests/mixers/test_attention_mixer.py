@@ -3,28 +3,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _mixer_parts import mixer_parts
 
-from dfqkit.generators import ConditionalGenerator, synthesize
+from dfqkit.generators import synthesize
 from dfqkit.mixers import MultiLayerAttentionMixer
-from dfqkit.models.mnist_resnet import mnist_resnet
 from dfqkit.step import Step
 from dfqkit.taps import Taps
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def teacher():
-    torch.manual_seed(0)
-    return mnist_resnet(depth=8, weights=None).eval().requires_grad_(False)
-
-
-def _parts(teacher, **kw):
-    gen = ConditionalGenerator(num_classes=10, image_size=28, channels=1, latent_dim=16)
-    kw = {"num_classes": 10, "dim": 16, "heads": 2, "flow_heads": 2, **kw}
-    mixer = MultiLayerAttentionMixer(**kw)
-    mixer.bind(teacher=teacher, generator=gen, example=torch.randn(2, 1, 28, 28))
-    return gen, mixer
+_parts = mixer_parts
 
 
 def test_shapes_targets_and_level_embeddings(teacher):

@@ -4,27 +4,16 @@ import math
 
 import pytest
 import torch
+from _mixer_parts import mixer_parts
 
-from dfqkit.generators import ConditionalGenerator
 from dfqkit.mixers import MultiLayerAttentionMixer
 from dfqkit.mixers.sigma_readouts import SIGMA_READOUTS
-from dfqkit.models.mnist_resnet import mnist_resnet
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def teacher():
-    torch.manual_seed(0)
-    return mnist_resnet(depth=8, weights=None).eval().requires_grad_(False)
-
-
 def _parts(teacher, **kw):
-    gen = ConditionalGenerator(num_classes=10, image_size=28, channels=1, latent_dim=16)
-    kw = {"num_classes": 10, "dim": 16, "heads": 2, "flow_heads": 2, "mix_prob": 1.0, **kw}
-    mixer = MultiLayerAttentionMixer(**kw)
-    mixer.bind(teacher=teacher, generator=gen, example=torch.randn(2, 1, 28, 28))
-    return gen, mixer
+    return mixer_parts(teacher, **{"mix_prob": 1.0, **kw})
 
 
 def _with_classes(mixer, gen, sample, classes):
