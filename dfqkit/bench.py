@@ -12,6 +12,12 @@ std of test top-1 over seeds, with the teacher and naive rows), ``DIR/results.js
 and synthetic inputs (no data, no checkpoint) and reports the median ms per iteration of the
 generator step, the student step and both, images per second and the peak memory, and the median
 process CPU time per iteration (steadier than wall time on a machine shared with other jobs).
+The ``--warmup`` iterations are calibration iterations (ranges observed, no student step), timed
+apart with the peak memory when they end (``ms_calibration_iter``, ``peak_rss_calibration_mb``).
+``--reference gdfq`` times the official GDFQ iteration re-created on the same machine, both of
+its phases (:mod:`dfqkit.bench_reference`); where the official code itself was measured for the
+recipe, batch and thread count (:mod:`dfqkit.bench_official`), the result also carries that
+figure and the speed-up against it, with the machine it was measured on.
 ``--channels_last`` puts teacher, student and generator in ``channels_last`` memory format and
 ``--compile`` wraps teacher and student in ``torch.compile`` (both change the floating-point
 summation order, so results are not bit-identical to the default layout; measured options).
@@ -44,7 +50,8 @@ import torch
 
 from dfqkit import allocator
 from dfqkit import config as cfg
-from dfqkit.bench_reference import reference_iteration_ms
+from dfqkit.bench_official import compare as compare_official
+from dfqkit.bench_reference import reference_iteration
 from dfqkit.build import build_run
 from dfqkit.engine import Phase
 from dfqkit.evaluate import evaluate
@@ -103,20 +110,19 @@ def speed(
             m: gin.query_parameter(f"%{m}")
             for m in ("NUM_CLASSES", "IMAGE_SIZE", "CHANNELS", "W_BITS", "A_BITS")
         }
-        cpu: list[float] = []
-        timing["ms_per_iter"] = reference_iteration_ms(
-            teacher,
-            num_classes=macros["NUM_CLASSES"],
-            image_size=macros["IMAGE_SIZE"],
-            channels=macros["CHANNELS"],
-            batch_size=bs,
-            w_bits=macros["W_BITS"],
-            a_bits=macros["A_BITS"],
-            iters=iters,
-            warmup=warmup,
-            cpu=cpu,
+        timing.update(
+            reference_iteration(
+                teacher,
+                num_classes=macros["NUM_CLASSES"],
+                image_size=macros["IMAGE_SIZE"],
+                channels=macros["CHANNELS"],
+                batch_size=bs,
+                w_bits=macros["W_BITS"],
+                a_bits=macros["A_BITS"],
+                iters=iters,
+                warmup=warmup,
+            )
         )
-        timing["cpu_ms_per_iter"] = 1000 * statistics.median(cpu)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             run = build_run(output_dir=tmp, for_training=False)
@@ -125,7 +131,9 @@ def speed(
             if compile:
                 compile_(run)
             cpu: list[float] = []
-            marks = time_iterations(run, warmup=warmup, iterations=iters, cpu=cpu)
+            calib: dict[str, float] = {}
+            marks = time_iterations(run, warmup=warmup, iterations=iters, cpu=cpu, calib=calib)
+        timing.update(calib)
         triples = [marks[i : i + 3] for i in range(0, len(marks), 3)]
         timing["cpu_ms_per_iter"] = 1000 * statistics.median(cpu)
         timing["ms_generator_step"] = 1000 * statistics.median(b - a for a, b, _ in triples)
@@ -144,11 +152,12 @@ def speed(
         "iterations": iters,
         **timing,
         "img_per_s": 1000 * bs / ms,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": _peak_rss_mb(),
         "torch": torch.__version__,
     }
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    out.update(compare_official(out) or {})
     return out
 
 
@@ -165,15 +174,29 @@ def compile_(run: Run) -> None:
 
 
 def time_iterations(
-    run: Run, *, warmup: int, iterations: int, cpu: list[float] | None = None
+    run: Run,
+    *,
+    warmup: int,
+    iterations: int,
+    cpu: list[float] | None = None,
+    calib: dict[str, float] | None = None,
 ) -> list[float]:
     """Time ``iterations`` steady-state iterations of ``run`` (generator and student step, ranges
-    frozen) after ``warmup`` calibrating ones; returns three timestamps per iteration: start, end
+    frozen) after ``warmup`` calibration iterations (generator step, ranges observed, no student
+    step: a calibration epoch's iteration); returns three timestamps per iteration: start, end
     of the generator step, end of the student step. With ``cpu`` (a list), also appends each
-    iteration's process CPU time in seconds."""
+    iteration's process CPU time in seconds. With ``calib`` (a dict), also stores the median
+    milliseconds of the calibrating iterations (``ms_calibration_iter``) and the process's peak
+    RSS when they end (``peak_rss_calibration_mb``)."""
     set_quant_mode(run.student, "observe")
+    times = []
     for _ in range(warmup):
-        run.engine.iteration(Phase(generator=True, observe=True, student=True), 0)
+        start = time.perf_counter()
+        run.engine.iteration(Phase(generator=True, observe=True, student=False), 0)
+        times.append(time.perf_counter() - start)
+    if calib is not None and times:
+        calib["ms_calibration_iter"] = 1000 * statistics.median(times)
+        calib["peak_rss_calibration_mb"] = _peak_rss_mb()
     set_quant_mode(run.student, "frozen")
     marks: list[float] = []
     for _ in range(iterations):
@@ -183,6 +206,10 @@ def time_iterations(
             cpu.append(time.process_time() - start)
     run.engine.pop_loss_means()
     return marks
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _run_one(recipe: str, seed: int, out: Path, params: Sequence[str], threads: int | None):
@@ -510,6 +537,18 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.bench") -> in
         f"{res['threads']} thread(s), {res['device']}: {steps}total {res['ms_per_iter']:.1f} "
         f"ms/iter{cpu}, {res['img_per_s']:.1f} img/s, peak RSS {res['peak_rss_mb']:.0f} MB"
     )
+    if "ms_calibration_iter" in res:
+        print(
+            f"  calibration phase: {res['ms_calibration_iter']:.1f} ms/iter, peak RSS "
+            f"{res['peak_rss_calibration_mb']:.0f} MB when it ends"
+        )
+    if "official" in res:
+        off = res["official"]
+        print(
+            f"  vs the official code: {off['ms_per_iter']:.0f} ms/iter ({off['code']}; "
+            f"{off['machine']}) -> {res['speedup_vs_official']:.2f}x; comparable only on that "
+            "machine, quiet"
+        )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     return 0

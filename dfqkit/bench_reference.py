@@ -12,14 +12,21 @@ It is written from the description of the official code (xushoukai/GDFQ ``traine
 * weights are fake-quantized per output channel with out-of-place ops at every forward
   (``contiguous().view`` + min/max, ``round``, ``clamp``, dequantize), activations after every
   ReLU with a per-tensor frozen range;
-* per-iteration host syncs for the logged accuracy (``.cpu().numpy()``).
+* per-iteration host syncs for the logged accuracy (``.cpu().numpy()``);
+* the calibration phase (the official warm-up epochs): activation ranges follow an EMA of each
+  batch's min and max (momentum 0.9 with bias correction), the student's forward still builds
+  its autograd graph and computes its loss, nothing steps it, and its output and loss stay
+  referenced until the next iteration reassigns them, so that graph is alive during the next
+  generator step — the calibration phase's peak memory, which a timing of the training phase
+  alone misses.
 
-Only :func:`reference_iteration_ms` is public; nothing here is used by training.
+Only :func:`reference_iteration` is public; nothing here is used by training.
 """
 
 from __future__ import annotations
 
 import copy
+import resource
 import statistics
 import time
 
@@ -92,13 +99,21 @@ class _QuantLinear(nn.Linear):
 
 
 class _QuantAct(nn.Module):
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, beta: float = 0.9):
         super().__init__()
         self.bits = bits
+        self.running = False  # True in the calibration phase
+        self.beta = beta
         self.register_buffer("lo", torch.tensor(0.0))
-        self.register_buffer("hi", torch.tensor(4.0))
+        self.register_buffer("hi", torch.tensor(0.0))  # as the official code: 0 until observed
+        self.register_buffer("beta_t", torch.tensor(1.0))
 
     def forward(self, x):
+        if self.running:  # bias-corrected EMA of the batch extremes, out of place
+            self.beta_t = self.beta_t * self.beta
+            lo, hi = x.detach().min(), x.detach().max()
+            self.lo = (self.lo * self.beta + lo * (1 - self.beta)) / (1 - self.beta_t)
+            self.hi = (self.hi * self.beta + hi * (1 - self.beta)) / (1 - self.beta_t)
         return _STE.apply(x, self.lo, self.hi, self.bits)
 
 
@@ -130,7 +145,11 @@ def _quantize_like_gdfq(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module
     return model
 
 
-def reference_iteration_ms(
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reference_iteration(
     teacher: nn.Module,
     *,
     num_classes: int,
@@ -141,12 +160,22 @@ def reference_iteration_ms(
     a_bits: int,
     iters: int = 8,
     warmup: int = 2,
-    cpu: list[float] | None = None,
-) -> float:
-    """Median milliseconds of one official-style GDFQ iteration (after warm-up); with ``cpu``
-    (a list), also appends each timed iteration's process CPU time in seconds."""
+) -> dict[str, float]:
+    """Time the official-style GDFQ iteration in both of its phases.
+
+    The first ``warmup`` iterations are calibration iterations (ranges observed, no student
+    step, the student's graph kept alive into the next iteration, as the official warm-up
+    epochs run); then the ranges are frozen and ``iters`` training iterations are timed.
+
+    Returns ``ms_per_iter`` and ``cpu_ms_per_iter`` (medians of the training iterations),
+    ``ms_calibration_iter`` (median of the calibration iterations) and
+    ``peak_rss_calibration_mb`` (the process's peak RSS when the calibration phase ends).
+    """
+    if warmup < 1 or iters < 1:
+        raise ValueError(f"warmup and iters must be >= 1, got warmup={warmup}, iters={iters}")
     teacher = copy.deepcopy(teacher).eval()  # parameters keep requires_grad, as in the original
     student = _quantize_like_gdfq(copy.deepcopy(teacher), w_bits, a_bits).eval()
+    acts = [m for m in student.modules() if isinstance(m, _QuantAct)]
     gen = _Generator(num_classes, image_size, channels).train()
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.999))
     opt_s = torch.optim.SGD(
@@ -161,8 +190,15 @@ def reference_iteration_ms(
     for m in teacher.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.register_forward_hook(hook)
-    times = []
+    calib: list[float] = []
+    times: list[float] = []
+    cpu: list[float] = []
+    peak_calibration = 0.0
+    s_out = loss_s = None
     for i in range(warmup + iters):
+        calibrating = i < warmup
+        for act in acts:
+            act.running = calibrating
         t0, c0 = time.perf_counter(), time.process_time()
         z = torch.randn(batch_size, 100)
         labels = torch.randint(0, num_classes, (batch_size,))
@@ -176,17 +212,28 @@ def reference_iteration_ms(
         opt_g.zero_grad()
         loss_g.backward()
         opt_g.step()
+        # the previous iteration's s_out / loss_s (and, while calibrating, their graph) are
+        # released only here, when they are reassigned
         s_out = student(images.detach())
         kd = F.kl_div(
             F.log_softmax(s_out / 20, 1), F.softmax(t_out.detach() / 20, 1), reduction="mean"
         )
         loss_s = kd * 400 + F.cross_entropy(s_out, labels)
-        opt_s.zero_grad()
-        loss_s.backward()
-        opt_s.step()
+        if not calibrating:
+            opt_s.zero_grad()
+            loss_s.backward()
+            opt_s.step()
         _ = (s_out.argmax(1).cpu().numpy(), t_out.argmax(1).cpu().numpy(), loss_s.item())
-        if i >= warmup:
+        if calibrating:
+            calib.append(time.perf_counter() - t0)
+            if i == warmup - 1:
+                peak_calibration = _peak_rss_mb()
+        else:
             times.append(time.perf_counter() - t0)
-            if cpu is not None:
-                cpu.append(time.process_time() - c0)
-    return 1000 * statistics.median(times)
+            cpu.append(time.process_time() - c0)
+    return {
+        "ms_per_iter": 1000 * statistics.median(times),
+        "cpu_ms_per_iter": 1000 * statistics.median(cpu),
+        "ms_calibration_iter": 1000 * statistics.median(calib),
+        "peak_rss_calibration_mb": peak_calibration,
+    }

@@ -69,6 +69,10 @@ def test_speed_reports_step_times_on_random_weights(tmp_path, layout):
         res["ms_generator_step"] + res["ms_student_step"], rel=0.05
     )
     assert res["img_per_s"] == pytest.approx(1000 * 4 / res["ms_per_iter"])
+    # the calibration iterations (no student step) are timed apart, with the peak when they end
+    assert res["ms_calibration_iter"] > 0
+    assert 0 < res["peak_rss_calibration_mb"] <= res["peak_rss_mb"]
+    assert "official" not in res  # nothing official was measured for this recipe and batch
 
 
 @pytest.mark.slow
@@ -100,3 +104,89 @@ def test_calibration_compares_range_sources(teacher_env, tmp_path, capsys):
         assert row["scaled"]["1.0"] == row["top1"]  # scaling by 1 is the unscaled range
     # the two sources observe different ranges
     assert res["sources"]["noise"]["hi"] != res["sources"]["real"]["hi"]
+
+
+def test_speed_compares_with_official_figures_only_where_they_were_measured():
+    from dfqkit.bench_official import OFFICIAL, compare
+
+    recipe = "recipes/gdfq/resnet20_cifar100_w4a4.gin"
+    res = {
+        "recipe": recipe,
+        "implementation": "dfqkit",
+        "batch_size": 64,
+        "threads": 1,
+        "device": "cpu",
+        "ms_per_iter": 338.0,
+    }
+    out = compare(res)
+    assert out["official"]["ms_per_iter"] == OFFICIAL[(recipe, 64, 1, "cpu")]["ms_per_iter"]
+    assert out["speedup_vs_official"] == pytest.approx(out["official"]["ms_per_iter"] / 338.0)
+    assert compare({**res, "threads": 2}) is None  # not measured: no ratio at all
+    assert compare({**res, "batch_size": 32}) is None
+    assert compare({**res, "implementation": "reference:gdfq"}) is None
+
+
+def test_reference_activation_ranges_follow_the_official_bias_corrected_ema():
+    import torch
+
+    from dfqkit.bench_reference import _QuantAct
+
+    act = _QuantAct(4)
+    act.running = True
+    act(torch.tensor([-1.0, 0.5, 3.0]))
+    assert act.lo.item() == pytest.approx(-1.0, rel=1e-5)
+    assert act.hi.item() == pytest.approx(3.0, rel=1e-5)
+    act(torch.tensor([-2.0, 5.0]))
+    # beta_t = 0.81: (-1·0.9 − 2·0.1) / 0.19 and (3·0.9 + 5·0.1) / 0.19
+    assert act.lo.item() == pytest.approx(-1.1 / 0.19, rel=1e-5)
+    assert act.hi.item() == pytest.approx(3.2 / 0.19, rel=1e-5)
+    act.running = False
+    act(torch.tensor([-100.0, 100.0]))  # frozen: ranges unchanged
+    assert act.hi.item() == pytest.approx(3.2 / 0.19, rel=1e-5)
+
+
+def test_reference_iteration_times_calibration_and_training_phases():
+    import torch
+    from torch import nn
+
+    from dfqkit.bench_reference import reference_iteration
+
+    torch.manual_seed(0)
+    teacher = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    res = reference_iteration(
+        teacher,
+        num_classes=3,
+        image_size=8,
+        channels=1,
+        batch_size=4,
+        w_bits=4,
+        a_bits=4,
+        iters=2,
+        warmup=2,
+    )
+    assert set(res) == {
+        "ms_per_iter",
+        "cpu_ms_per_iter",
+        "ms_calibration_iter",
+        "peak_rss_calibration_mb",
+    }
+    assert all(v > 0 for v in res.values())
+    with pytest.raises(ValueError, match="warmup"):
+        reference_iteration(
+            teacher,
+            num_classes=3,
+            image_size=8,
+            channels=1,
+            batch_size=4,
+            w_bits=4,
+            a_bits=4,
+            iters=1,
+            warmup=0,
+        )
