@@ -29,6 +29,7 @@ import copy
 import resource
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -215,9 +216,11 @@ def reference_iteration(
         # the previous iteration's s_out / loss_s (and, while calibrating, their graph) are
         # released only here, when they are reassigned
         s_out = student(images.detach())
-        kd = F.kl_div(
-            F.log_softmax(s_out / 20, 1), F.softmax(t_out.detach() / 20, 1), reduction="mean"
-        )
+        with warnings.catch_warnings():  # 'mean' over all elements is what the official uses
+            warnings.simplefilter("ignore", UserWarning)
+            kd = F.kl_div(
+                F.log_softmax(s_out / 20, 1), F.softmax(t_out.detach() / 20, 1), reduction="mean"
+            )
         loss_s = kd * 400 + F.cross_entropy(s_out, labels)
         if not calibrating:
             opt_s.zero_grad()
