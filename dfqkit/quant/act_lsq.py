@@ -25,7 +25,9 @@ class LSQActQuantizer(ActQuantizer):
     * ``"observe"`` mode: each batch's step size is the ``L_2.4``-best clip ratio of its max
       (``init="mse"``, Genie/BRECQ) or its max itself (``init="minmax"``); ``s`` is the mean over
       the batches observed (Genie fits the first batch only; the mean over the calibration
-      pass uses all of it).
+      pass uses all of it). The search's error is evaluated on at most ``search_elements``
+      elements of a batch (an evenly strided subsample of a larger one; the candidates still
+      come from the batch's extreme).
     * ``"frozen"`` mode: ``x_hat = s · clamp(round(x / s), c_min, c_max)`` with the rounding
       passed straight through, so ``s`` gets LSQ's gradient (the rounding error inside the grid,
       ``c_min``/``c_max`` outside) and ``x`` gets 1 inside, 0 outside.
@@ -43,6 +45,10 @@ class LSQActQuantizer(ActQuantizer):
         drop_prob: QDrop's probability of keeping an element unquantized while learning.
         lr: learning rate of ``s`` when it trains inside the student optimizer (QAT; ``None``:
             the student's); reconstruction uses its own.
+        search_elements: cap on the elements the ``"mse"`` search evaluates per batch
+            (``None``: all). The default, 2^20, searches every activation of the offline
+            testbed whole and cuts a 224-px batch's search several-fold (docs/ptq.md,
+            "Range search cost").
     """
 
     sync_reduce: ClassVar[str] = "mean"
@@ -51,9 +57,25 @@ class LSQActQuantizer(ActQuantizer):
     signed: Tensor
 
     def __init__(
-        self, *, bits: int, init: str = "mse", drop_prob: float = 0.5, lr: float | None = None
+        self,
+        *,
+        bits: int,
+        init: str = "mse",
+        drop_prob: float = 0.5,
+        lr: float | None = None,
+        search_elements: int | None = 2**20,
     ) -> None:
         super().__init__(bits=bits, ste="identity")
+        if search_elements is not None and (
+            isinstance(search_elements, bool)
+            or not isinstance(search_elements, int)
+            or search_elements < 1
+        ):
+            raise ValueError(
+                f"LSQActQuantizer.search_elements must be an integer >= 1 or None, "
+                f"got {search_elements!r}"
+            )
+        self.search_elements = search_elements
         if init not in ("mse", "minmax"):
             raise ValueError(f"init must be 'mse' or 'minmax', got {init!r}")
         if isinstance(drop_prob, bool) or not isinstance(drop_prob, int | float):
@@ -73,7 +95,9 @@ class LSQActQuantizer(ActQuantizer):
         x = x.float()
         self.signed |= x.amin() < 0
         if self.init == "mse":
-            self._fold(search_symmetric(x, self.bits, self.signed))
+            self._fold(
+                search_symmetric(x, self.bits, self.signed, max_elements=self.search_elements)
+            )
         else:
             super()._observe(x)
 

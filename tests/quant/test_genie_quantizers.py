@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from dfqkit.quant import AdaRoundWeightQuantizer, LSQActQuantizer, fake_quant, quantize_
+from dfqkit.quant import (
+    AdaRoundWeightQuantizer,
+    LSQActQuantizer,
+    fake_quant,
+    quantize_,
+    set_quant_mode,
+)
 from dfqkit.quant.config import QuantConfig
 from dfqkit.quant.search import RATIOS, search_asymmetric, search_symmetric, symmetric_bounds
 from dfqkit.quant.weight_adaround import rectified_sigmoid, rectified_sigmoid_inverse
@@ -51,6 +57,40 @@ def test_symmetric_search_signed_and_unsigned_grids():
     assert lo2.item() == pytest.approx(-8 * s2.item()) and hi2.item() == pytest.approx(
         7 * s2.item()
     )
+
+
+def test_symmetric_search_on_a_strided_subsample_keeps_the_whole_tensors_extreme():
+    torch.manual_seed(0)
+    x = torch.rand(1000) * 2.0
+    x[7] = 9.0  # the extreme, outside the stride-4 subsample x[0::4]
+    s = search_symmetric(x, 3, torch.tensor(False), max_elements=250)
+    sub = x[::4]
+    assert sub.numel() == 250 and sub.max() < 9.0
+    errs = []  # independent: brute force on the subsample, candidates from the whole max 9.0
+    for r in RATIOS:
+        step = 9.0 * r / 7
+        q = (sub / step).round().clamp(0, 7) * step
+        errs.append(((q - sub).abs().pow(2.4).mean().item(), step))
+    assert s.item() == pytest.approx(min(errs)[1], rel=1e-5)
+    # a tensor that fits is searched whole: the result is the uncapped one, bit for bit
+    assert torch.equal(
+        search_symmetric(x, 3, torch.tensor(False), max_elements=1000),
+        search_symmetric(x, 3, torch.tensor(False)),
+    )
+    with pytest.raises(ValueError, match="max_elements"):
+        search_symmetric(x, 3, torch.tensor(False), max_elements=0)
+
+
+def test_lsq_quantizer_caps_its_search_and_refuses_a_bad_cap():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 10, 10) * 3.0
+    capped = LSQActQuantizer(bits=4, search_elements=300)
+    set_quant_mode(capped, "observe")
+    capped(x)
+    want = search_symmetric(x, 4, torch.tensor(False), max_elements=300)
+    assert capped.scale.item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="search_elements"):
+        LSQActQuantizer(bits=4, search_elements=0)
 
 
 def test_rectified_sigmoid_inverse_and_rounding_loss():
