@@ -17,6 +17,7 @@ from torch import nn
 from dfqkit import checkpoint as ckpt
 from dfqkit.engine import Engine
 from dfqkit.errors import ConfigError
+from dfqkit.evaluate import evaluate
 from dfqkit.losses.base import Loss
 from dfqkit.quant import QuantConfig
 
@@ -126,6 +127,7 @@ class Run:
     base_lrs: list[list[float]] = field(init=False)
     #: ``(which, epochs done)`` of the checkpoint :meth:`load` restored, else ``None``
     loaded: tuple[str, int] | None = field(default=None, init=False)
+    _teacher_test: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.base_lrs = [[g["lr"] for g in opt.param_groups] for opt in self.optimizers]
@@ -150,6 +152,38 @@ class Run:
             s: self.accelerator.prepare(self.data.loader(s, batch_size=256))
             for s in ("val", "test")
         }
+
+    def teacher_test(self, *, keep_rng: bool = True) -> dict[str, Any]:
+        """The teacher's evaluation on the test loader, with its top-1 ``predictions`` (this
+        process's shard, loader order), computed once: every epoch's agreement compares with
+        the same predictions on the same fixed images.
+
+        Iterating a loader draws its base seed from the global RNG. With ``keep_rng`` (a lazy
+        first use, e.g. after a resume) the draw is undone, so a resumed run samples what an
+        uninterrupted one does; the references pass ``False`` (their evaluation has always
+        drawn it)."""
+        if self._teacher_test is None:
+            with torch.random.fork_rng(devices=[], enabled=keep_rng):
+                self._teacher_test = evaluate(
+                    self.teacher,
+                    self.loaders["test"],
+                    device=self.device,
+                    accelerator=self.accelerator,
+                    predictions=True,
+                )
+        return self._teacher_test
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, Any]:
+        """``model`` on the ``"val"`` or ``"test"`` loader; on test, also its agreement with the
+        teacher's (cached) predictions."""
+        teacher = self.teacher_test()["predictions"] if split == "test" else None
+        return evaluate(
+            model,
+            self.loaders[split],
+            teacher=teacher,
+            device=self.device,
+            accelerator=self.accelerator,
+        )
 
     def set_epoch_learning_rates(self, epoch: int) -> None:
         """Both optimizers at ``base lr · decay(epoch)`` (the multi-step schedule)."""

@@ -39,7 +39,6 @@ from dfqkit import rundir
 from dfqkit.checks import check_launch
 from dfqkit.engine import Phase
 from dfqkit.errors import ConfigError, NonFiniteLossError, RunInterrupted, SetupError
-from dfqkit.evaluate import evaluate
 from dfqkit.phases import noise_batch
 from dfqkit.ptq import quantize_with
 from dfqkit.quant import set_quant_mode, sync_quantizers
@@ -142,18 +141,15 @@ def _references(run: Run) -> None:
     training (the floor to beat)."""
     schedule, data, device = run.schedule, run.data, run.device
     set_seed(schedule.seed)
-    test = run.loaders["test"]
-    teacher_eval = evaluate(run.teacher, test, device=device, accelerator=run.accelerator)
+    teacher = run.teacher_test(keep_rng=False)
+    teacher_eval = {k: v for k, v in teacher.items() if k != "predictions"}
     naive = quantize_with(copy.deepcopy(run.teacher), run.quant, run.example, run.transforms)
     with torch.no_grad():
         for _ in range(schedule.naive_batches):
             naive(noise_batch(data, schedule.batch_size, device))
     sync_quantizers(naive)
     set_quant_mode(naive, "frozen")
-    naive_eval = evaluate(
-        naive, test, teacher=run.teacher, device=device, accelerator=run.accelerator
-    )
-    run.state.reference = {"teacher": teacher_eval, "naive": naive_eval}
+    run.state.reference = {"teacher": teacher_eval, "naive": run.evaluate(naive, "test")}
     run.calibration.start_from(naive, run.student_module)
     set_seed(schedule.seed, device_specific=True)  # each process samples its own latents
 
@@ -267,13 +263,10 @@ def _evaluate_epoch(run: Run, record: dict[str, Any]) -> bool:
     best. A run that trains the student selects among the epochs that trained it (the
     calibrated student before the first step is kept as ``state.calibrated``, reported apart);
     a run that never trains it (PTQ) has no selection: its latest evaluation is the best."""
-    state, acc = run.state, run.accelerator
+    state = run.state
     model = run.student_module
     set_quant_mode(model, "frozen")  # real evaluation images must not move observed ranges
-    val = evaluate(model, run.loaders["val"], device=run.device, accelerator=acc)
-    test = evaluate(
-        model, run.loaders["test"], teacher=run.teacher, device=run.device, accelerator=acc
-    )
+    val, test = run.evaluate(model, "val"), run.evaluate(model, "test")
     record.update(
         val_top1=val["top1"],
         test_top1=test["top1"],

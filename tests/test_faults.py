@@ -68,8 +68,8 @@ DRIVER = textwrap.dedent(
             accelerate.Accelerator.save_state, after=half_written
         )
     elif fault == "evaluation":
-        import dfqkit.train as train
-        train.evaluate = counting(train.evaluate, before=lambda *a, **k: die())
+        import dfqkit.run as run
+        run.evaluate = counting(run.evaluate, before=lambda *a, **k: die())
 
     from dfqkit.train import main
     sys.exit(main(sys.argv[3:]))
