@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,48 @@ INTERPOLATIONS = {
     "bicubic": transforms.InterpolationMode.BICUBIC,
 }
 HOLDOUT_SEED = 0
+CLASS_INDEX = ("auto", "sorted", "imagenet1k")
+WNID = re.compile(r"n\d{8}")
+
+
+@functools.cache
+def imagenet1k_wnids() -> tuple[str, ...]:
+    """The 1,000 ImageNet-1k WordNet ids in class-index order (timm's bundled list, offline)."""
+    from timm.data import ImageNetInfo
+
+    return tuple(ImageNetInfo("imagenet-1k").label_names())
+
+
+def class_indices(classes: list[str], class_index: str) -> tuple[list[int], int]:
+    """Each class directory's index, and the number of classes of the labelling.
+
+    ``"sorted"``: the position of the name in sorted order (``len(classes)`` classes).
+    ``"imagenet1k"``: the ImageNet-1k index of the WordNet id (1,000 classes), so a folder that
+    holds only some classes still labels them as a 1000-class teacher numbers them.
+    ``"auto"``: ``"imagenet1k"`` when every directory is named like a WordNet id (``n`` and
+    eight digits), else ``"sorted"``.
+    """
+    if class_index not in CLASS_INDEX:
+        raise ValueError(
+            f"imagenet_folder: class_index must be one of {', '.join(CLASS_INDEX)}, "
+            f"got {class_index!r}"
+        )
+    if class_index == "auto":
+        wnids = all(WNID.fullmatch(name) for name in classes)
+        class_index = "imagenet1k" if wnids else "sorted"
+    if class_index == "sorted":
+        return list(range(len(classes))), len(classes)
+    index = {wnid: i for i, wnid in enumerate(imagenet1k_wnids())}
+    unknown = [name for name in classes if name not in index]
+    if unknown:
+        more = f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        shown = ", ".join(unknown[:5]) + more
+        raise ValueError(
+            f"imagenet_folder: class directories {shown} are not ImageNet-1k WordNet ids; "
+            "rename them, or set data.imagenet_folder.class_index = 'sorted' to number the "
+            "directories in sorted order"
+        )
+    return [index[name] for name in classes], len(index)
 
 
 class ImageFolderDataset(Dataset):
@@ -41,8 +85,11 @@ class ImageFolderDataset(Dataset):
             return self.transform(image.convert("RGB")), label
 
 
-def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Sorted class-directory names and the ``(image path, class index)`` samples under ``root``."""
+def scan_image_folder(
+    root: Path, class_index: str = "sorted"
+) -> tuple[list[str], list[tuple[Path, int]], int]:
+    """Sorted class-directory names, the ``(image path, class index)`` samples under ``root``
+    and the number of classes of the labelling (see :func:`class_indices`)."""
     if not root.is_dir():
         raise FileNotFoundError(f"imagenet_folder: root={str(root)!r} is not a directory")
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
@@ -51,9 +98,10 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
             f"imagenet_folder: root={str(root)!r} has no class sub-directories; expected "
             "root/<class_dir>/<image>.JPEG"
         )
+    indices, num_classes = class_indices(classes, class_index)
     samples = [
         (path, index)
-        for index, name in enumerate(classes)
+        for index, name in zip(indices, classes)
         for path in sorted((root / name).iterdir())
         if path.suffix.lower() in EXTENSIONS and path.is_file()
     ]
@@ -62,7 +110,7 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
             f"imagenet_folder: root={str(root)!r} has {len(classes)} class directories but no "
             f"images with extensions {', '.join(EXTENSIONS)}"
         )
-    return classes, samples
+    return classes, samples, num_classes
 
 
 @data_factory
@@ -75,13 +123,15 @@ def imagenet_folder(
     std: tuple[float, ...] = (0.229, 0.224, 0.225),
     interpolation: str = "bilinear",
     val: str = "test",
+    class_index: str = "auto",
 ) -> EvalData:
     """ImageNet validation (or any labelled image folder) with the usual center-crop transform.
 
-    Layout: ``root/<class_dir>/*.JPEG|jpg|png`` (extensions case-insensitive). Class index =
-    position of the directory in *sorted* order of names, which for ImageNet's ``n01440764``...
-    synset directories is the standard 1000-class index of torchvision/timm models. Each image
-    is converted to RGB, resized (shorter side to ``resize``), center-cropped to ``image_size``
+    Layout: ``root/<class_dir>/*.JPEG|jpg|png`` (extensions case-insensitive). Directories
+    named by WordNet id (``n01440764``...) get their ImageNet-1k class index, the index of
+    torchvision/timm models, even when the folder holds only some of the 1,000 classes
+    (``num_classes`` is then 1,000); other names are numbered in sorted order. Each image is
+    converted to RGB, resized (shorter side to ``resize``), center-cropped to ``image_size``
     and normalized with ``mean``/``std``.
 
     Args:
@@ -93,9 +143,12 @@ def imagenet_folder(
         interpolation: ``"bilinear"``, ``"bicubic"`` or ``"nearest"``.
         val: ``"test"``: validation is the test set; a fraction string such as ``"0.1"`` holds
             that stratified share out as validation (fixed seed) and tests on the rest.
+        class_index: ``"auto"`` (above), ``"imagenet1k"`` (WordNet ids required) or
+            ``"sorted"`` (sorted position, whatever the names).
 
     Returns:
-        EvalData with ``num_classes`` = number of class directories; no train split.
+        EvalData with ``num_classes`` = 1,000 for WordNet ids, else the number of class
+        directories; no train split.
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(
@@ -108,7 +161,7 @@ def imagenet_folder(
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (RGB), got mean={mean}, std={std}")
     holdout = parse_holdout(val)
-    classes, samples = scan_image_folder(Path(root).expanduser())
+    classes, samples, num_classes = scan_image_folder(Path(root).expanduser(), class_index)
     transform = transforms.Compose(
         [
             transforms.Resize(resize, interpolation=INTERPOLATIONS[interpolation]),
@@ -128,7 +181,7 @@ def imagenet_folder(
         val_set, test_set = Subset(full, val_idx.tolist()), Subset(full, test_idx.tolist())
     return EvalData(
         name="imagenet_folder",
-        num_classes=len(classes),
+        num_classes=num_classes,
         image_size=image_size,
         channels=3,
         mean=tuple(mean),
@@ -161,7 +214,9 @@ def timm_data_config(model: str) -> dict:
 
 
 @data_factory
-def timm_imagenet_folder(*, root: str, model: str, val: str = "test") -> EvalData:
+def timm_imagenet_folder(
+    *, root: str, model: str, val: str = "test", class_index: str = "auto"
+) -> EvalData:
     """:func:`imagenet_folder` with the transform of a timm model's own data configuration
     (input size, ``resize = size / crop_pct``, interpolation, mean, std), e.g. DeiT:
     224 px, resize 248 (crop 0.9), bicubic, ImageNet mean/std; ViT-B (augreg): mean = std = 0.5.
@@ -169,6 +224,6 @@ def timm_imagenet_folder(*, root: str, model: str, val: str = "test") -> EvalDat
     Args:
         root: the folder holding one sub-directory per class.
         model: the timm model name (optionally with a pretrained tag).
-        val: as in :func:`imagenet_folder`.
+        val, class_index: as in :func:`imagenet_folder`.
     """
-    return imagenet_folder(root=root, val=val, **timm_data_config(model))
+    return imagenet_folder(root=root, val=val, class_index=class_index, **timm_data_config(model))

@@ -51,3 +51,30 @@ def test_errors(tmp_path, root):
         imagenet_folder(root=str(root), interpolation="lanczos")
     with pytest.raises(ValueError, match="image_size <= resize"):
         imagenet_folder(root=str(root), image_size=224, resize=200)
+
+
+def test_wordnet_id_directories_get_their_imagenet_index_even_for_a_subset(tmp_path):
+    # three of the 1,000 classes: tench (0), goldfish (1) and the last class, toilet tissue (999)
+    for wnid in ("n15075141", "n01443537", "n01440764"):
+        (tmp_path / wnid).mkdir()
+        Image.new("RGB", (12, 12), (9, 9, 9)).save(tmp_path / wnid / "0.png")
+    ev = imagenet_folder(root=str(tmp_path), image_size=8, resize=8)
+    assert ev.num_classes == 1000
+    assert [ev.test[i][1] for i in range(3)] == [0, 1, 999]
+    # the sorted numbering is still there on request (a 3-class model trained on these dirs)
+    ev3 = imagenet_folder(root=str(tmp_path), image_size=8, resize=8, class_index="sorted")
+    assert ev3.num_classes == 3 and [ev3.test[i][1] for i in range(3)] == [0, 1, 2]
+    # a held-out validation share keeps the real indices
+    ev_val = imagenet_folder(root=str(tmp_path), image_size=8, resize=8, val="0.5")
+    assert {ev_val.test[i][1] for i in range(len(ev_val.test))} <= {0, 1, 999}
+
+
+def test_wordnet_ids_outside_imagenet1k_and_bad_class_index_are_refused(tmp_path, root):
+    (tmp_path / "wn" / "n00000001").mkdir(parents=True)
+    Image.new("RGB", (12, 12)).save(tmp_path / "wn" / "n00000001" / "0.png")
+    with pytest.raises(ValueError, match="n00000001 are not ImageNet-1k WordNet ids.*'sorted'"):
+        imagenet_folder(root=str(tmp_path / "wn"), image_size=8, resize=8)
+    with pytest.raises(ValueError, match="not ImageNet-1k WordNet ids"):
+        imagenet_folder(root=str(root), image_size=8, resize=8, class_index="imagenet1k")
+    with pytest.raises(ValueError, match="class_index must be one of auto, sorted, imagenet1k"):
+        imagenet_folder(root=str(root), image_size=8, resize=8, class_index="wordnet")
