@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import inspect
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -194,7 +195,7 @@ def build_run(
         config = {"recipe": recipe, "seed": seed, "epochs": epochs, "batch_size": batch_size}
         _start_trackers(acc, out, log_with, config)
     mixer = NoMixer() if mixer is None else mixer
-    teacher, student, generator, mixer, data, example = _models(
+    teacher, student, generator, mixer, data, example, synthesis_s = _models(
         acc, teacher, data, generator, mixer, losses, quant, schedule, transforms, reconstruction
     )
     _check_observed(student, calibration, calib_epochs)
@@ -206,6 +207,7 @@ def build_run(
     gen_opt, student_opt, generator, student, state = _optimizers(
         acc, generator, mixer, student, generator_optimizer, student_optimizer
     )
+    state.add_seconds("synthesis", synthesis_s)  # a resumed run loads the first run's figure
     engine = Engine(
         accelerator=acc,
         teacher=teacher,
@@ -326,10 +328,12 @@ def _models(
             stage.check(student)
         except ValueError as err:
             raise ConfigError(str(err)) from err
+    t0 = time.perf_counter()
     for part in (generator, mixer):  # teacher-dependent parts are built before the optimizers
         if hasattr(part, "bind"):
             part.bind(teacher=teacher, generator=generator, example=example)
-    return teacher, student, generator, mixer, data, example
+    synthesis_s = time.perf_counter() - t0  # a synthetic set's stage one (or its cache read)
+    return teacher, student, generator, mixer, data, example, synthesis_s
 
 
 def _optimizers(acc, generator, mixer, student, generator_optimizer, student_optimizer):

@@ -53,6 +53,12 @@ class TrainState:
         self.evals_since_best = 0
         self.skipped_steps: dict[str, int] = {}  # non-finite steps skipped, per optimizer side
         self.units_done = 0  # units of a post-training reconstruction finished (dfqkit.ptq)
+        #: wall seconds per phase: synthesis, references, calibration, training, evaluation,
+        #: reconstruction (what a run spent where; metrics.json ``phase_seconds``)
+        self.phase_seconds: dict[str, float] = {}
+
+    def add_seconds(self, phase: str, seconds: float) -> None:
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))

@@ -110,6 +110,7 @@ def summarize(state, *, recipe: str, seed: int, quant, resumed_from: int | None)
         "ms_per_iter": 1000 * state.train_seconds / max(state.iterations, 1),
         "time_s": state.train_seconds + getattr(state, "post_seconds", 0.0),
         "post_training_s": getattr(state, "post_seconds", 0.0),
+        "phase_seconds": dict(getattr(state, "phase_seconds", {})),
         "history": state.history,
     }
 

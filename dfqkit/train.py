@@ -41,7 +41,7 @@ from dfqkit.engine import Phase
 from dfqkit.errors import ConfigError, NonFiniteLossError, RunInterrupted, SetupError
 from dfqkit.phases import noise_batch
 from dfqkit.ptq import quantize_with
-from dfqkit.quant import set_quant_mode, sync_quantizers
+from dfqkit.quant import float_layers, set_quant_mode, sync_quantizers
 from dfqkit.recipes import describe as describe_recipe
 from dfqkit.report import (
     epoch_line,
@@ -140,6 +140,7 @@ def _references(run: Run) -> None:
     transforms included), its activation ranges observed on ``naive_batches`` noise batches, no
     training (the floor to beat)."""
     schedule, data, device = run.schedule, run.data, run.device
+    t0 = time.perf_counter()
     set_seed(schedule.seed)
     teacher = run.teacher_test(keep_rng=False)
     teacher_eval = {k: v for k, v in teacher.items() if k != "predictions"}
@@ -150,6 +151,7 @@ def _references(run: Run) -> None:
     sync_quantizers(naive)
     set_quant_mode(naive, "frozen")
     run.state.reference = {"teacher": teacher_eval, "naive": run.evaluate(naive, "test")}
+    run.state.add_seconds("references", time.perf_counter() - t0)
     run.calibration.start_from(naive, run.student_module)
     set_seed(schedule.seed, device_specific=True)  # each process samples its own latents
 
@@ -184,6 +186,7 @@ def fit(run: Run, *, resumed_from: int | None = None) -> dict[str, Any]:
     metrics = summarize(
         state, recipe=run.recipe, seed=schedule.seed, quant=run.quant, resumed_from=resumed_from
     )
+    metrics["float_layers"] = float_layers(run.student_module)  # conv/linear left in float
     metrics["processes"] = process_report(run)
     metrics["evaluation"] = {"data": run.data.name, "labels": run.data.labelled_by}
     if acc.is_main_process:
@@ -224,7 +227,9 @@ def _train_epoch(run: Run, epoch: int) -> dict[str, float]:
         run.engine.iteration(phase, epoch)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
-    state.train_seconds += time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    state.train_seconds += seconds
+    state.add_seconds("training" if phase.student else "calibration", seconds)
     state.iterations += schedule.iters_per_epoch
     if phase.observe:
         sync_quantizers(run.student)
@@ -266,7 +271,9 @@ def _evaluate_epoch(run: Run, record: dict[str, Any]) -> bool:
     state = run.state
     model = run.student_module
     set_quant_mode(model, "frozen")  # real evaluation images must not move observed ranges
+    t0 = time.perf_counter()
     val, test = run.evaluate(model, "val"), run.evaluate(model, "test")
+    state.add_seconds("evaluation", time.perf_counter() - t0)
     record.update(
         val_top1=val["top1"],
         test_top1=test["top1"],
@@ -297,6 +304,7 @@ def _post_training(run: Run) -> None:
     for i in range(state.units_done, len(units)):
         loss, seconds = stage.reconstruct(run, i, images)
         state.post_seconds = getattr(state, "post_seconds", 0.0) + seconds
+        state.add_seconds("reconstruction", seconds)
         state.units_done = i + 1
         logger.info(
             f"reconstructed unit {i + 1}/{len(units)} ({units[i].name}): mean loss "

@@ -140,6 +140,15 @@ def test_genie_recipe_reconstructs_every_unit_and_reports_that_result(teacher_en
     assert m["time_s"] == pytest.approx(
         m["ms_per_iter"] * m["iterations"] / 1000 + m["post_training_s"]
     )
+    # and per phase: PTQ never trains the student, its epoch is calibration
+    phases = m["phase_seconds"]
+    assert set(phases) == {
+        "synthesis", "references", "calibration", "evaluation", "reconstruction"
+    }  # fmt: skip
+    assert all(v > 0 for v in phases.values())
+    assert phases["reconstruction"] == pytest.approx(m["post_training_s"])
+    assert phases["calibration"] == pytest.approx(m["ms_per_iter"] * m["iterations"] / 1000)
+    assert m["float_layers"] == []  # every conv and linear of the ResNet-8 is quantized
     student = load_run(out).student_module
     w = [mod for mod in student.modules() if isinstance(mod, AdaRoundWeightQuantizer)]
     assert w and not any(q.soft for q in w)

@@ -49,6 +49,13 @@ def test_run_writes_the_run_directory_and_metrics(teacher_env, tmp_path):
     best = max(saved["history"], key=lambda h: h["val_top1"])
     assert saved["best"]["test_top1"] == best["test_top1"]
     assert saved["iterations"] == 4 and saved["ms_per_iter"] > 0
+    # epoch 1 is warm-up/calibration, epoch 2 trains the student
+    phases = saved["phase_seconds"]
+    assert set(phases) == {"synthesis", "references", "calibration", "training", "evaluation"}
+    assert phases["calibration"] + phases["training"] == pytest.approx(
+        saved["ms_per_iter"] * saved["iterations"] / 1000
+    )
+    assert saved["float_layers"] == []
     assert metrics["output_dir"] == str(out)
     assert (out / "config.gin").read_text().count("include 'gin/base.gin'") == 1
     assert "train.epochs" in (out / "operative_config.gin").read_text()

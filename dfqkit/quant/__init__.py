@@ -12,6 +12,7 @@ from dfqkit.quant.act_minmax import MinMaxActQuantizer
 from dfqkit.quant.api import (
     act_quantizers,
     clip_bounds,
+    float_layers,
     quantize_,
     set_quant_mode,
     sync_quantizers,
@@ -40,6 +41,7 @@ __all__ = [
     "QuantLinear",
     "SymmetricWeightQuantizer",
     "act_quantizers",
+    "float_layers",
     "clip_bounds",
     "fake_quant",
     "learnable_fake_quant",

@@ -110,6 +110,18 @@ def quantize_(
     return POLICIES[config.policy](model, config, run)
 
 
+def float_layers(model: nn.Module) -> list[str]:
+    """``"name (Class)"`` of every convolution and linear layer of a quantized ``model`` that
+    computes in float (a ``filter_fn`` excluded it, or its class overrides ``forward`` and has
+    no quantized version), in module order; empty when every one is quantized."""
+    quantized = (QuantConv2d, QuantLinear)
+    return [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if isinstance(m, tuple(QUANT_MODULES)) and not isinstance(m, quantized)
+    ]
+
+
 def act_quantizers(model: nn.Module) -> list[ActQuantizer]:
     """Every activation quantizer of ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, ActQuantizer)]

@@ -14,6 +14,7 @@ from dfqkit.quant import (
     QuantConv2d,
     QuantLinear,
     act_quantizers,
+    float_layers,
     quantize_,
     set_quant_mode,
     sync_quantizers,
@@ -232,6 +233,12 @@ def test_a_layer_with_its_own_forward_stays_float_with_a_warning(caplog):
     assert type(q[0]) is Scaled and isinstance(q[2], QuantConv2d)
     assert "1 of 2 convolution/linear layers stay in float" in caplog.text
     assert "0 (Scaled)" in caplog.text
+    assert float_layers(q) == ["0 (Scaled)"]  # what metrics.json lists
     caplog.clear()
-    quantize_(plain, W4A4, X)
+    q_plain = quantize_(plain, W4A4, X)
     assert "stay in float" not in caplog.text
+    assert float_layers(q_plain) == []
+    # a layer a filter keeps in float is listed too
+    filtered = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    q_filtered = quantize_(filtered, W4A4, X, filter_fn=lambda m, name: name != "2")
+    assert float_layers(q_filtered) == ["2 (Conv2d)"]
