@@ -60,14 +60,16 @@ class _LearnableFakeQuant(torch.autograd.Function):
         grad = grad.float()
         levels = 2**bits - 1
         g_s = ds.mul_(grad).sum()  # (grad * ds).sum()
-        g_out = torch.mul(grad, ~inside, out=q).sum()  # (grad * ~inside).sum()
+        # (grad * ~inside).sum(), selected rather than multiplied by a converted bool mask
+        zero = grad.new_zeros(())
+        g_out = torch.where(inside, zero, grad, out=q).sum()
         if ctx.grad_scale:
             per_sample = x.numel() // x.shape[0] if x.dim() > 1 else x.numel()
             factor = 1.0 / math.sqrt(per_sample * levels)
             g_s, g_out = g_s * factor, g_out * factor
         g_hi = g_s / levels
         g_lo = g_out - g_s / levels
-        grad_x = grad * inside
+        grad_x = torch.where(inside, grad, zero)  # grad * inside
         return grad_x, g_lo.reshape(lo.shape), g_hi.reshape(lo.shape), None, None
 
 
