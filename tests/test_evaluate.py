@@ -55,3 +55,28 @@ def test_a_run_evaluates_the_teacher_on_the_test_split_once(teacher_env, tmp_pat
     live = evaluate(run.student_module, run.loaders["test"], teacher=run.teacher)
     assert first["agree"] == live["agree"] and first["top1"] == live["top1"]
     assert "agree" not in run.evaluate(run.student_module, "val")
+
+
+@pytest.mark.slow
+def test_a_set_whose_val_is_its_test_split_is_evaluated_once_per_epoch(
+    teacher_env, tmp_path, monkeypatch
+):
+    from dfqkit.bench import SPEED_BINDINGS
+    from dfqkit.run import Run
+    from dfqkit.train import run as train_run
+
+    splits = []
+    original = Run.evaluate
+
+    def counting(self, model, split):
+        splits.append(split)
+        return original(self, model, split)
+
+    monkeypatch.setattr(Run, "evaluate", counting)
+    tiny = ["EPOCHS = 2", "ITERS_PER_EPOCH = 1", "BATCH_SIZE = 4", "train.warmup_epochs = 1",
+            "train.calib_epochs = 1", "train.naive_batches = 1"]  # fmt: skip
+    params = [p for p in SPEED_BINDINGS if not p.startswith(("TEACHER_WEIGHTS", "DATA_ROOT"))]
+    m = train_run(["recipes/mnist/gdfq_w4a4.gin"], [*params, *tiny], output_dir=tmp_path / "r")
+    # the naive reference once, then one evaluation per epoch: never "val" (it is the test set)
+    assert splits == ["test", "test", "test"]
+    assert all(h["val_top1"] == h["test_top1"] for h in m["history"])
