@@ -160,17 +160,8 @@ def test_reference_iteration_times_calibration_and_training_phases():
         nn.Flatten(),
         nn.Linear(4, 3),
     )
-    res = reference_iteration(
-        teacher,
-        num_classes=3,
-        image_size=8,
-        channels=1,
-        batch_size=4,
-        w_bits=4,
-        a_bits=4,
-        iters=2,
-        warmup=2,
-    )
+    shape = dict(num_classes=3, image_size=8, channels=1, batch_size=4, w_bits=4, a_bits=4)
+    res = reference_iteration(teacher, **shape, iters=2, warmup=2)
     assert set(res) == {
         "ms_per_iter",
         "cpu_ms_per_iter",
@@ -179,14 +170,4 @@ def test_reference_iteration_times_calibration_and_training_phases():
     }
     assert all(v > 0 for v in res.values())
     with pytest.raises(ValueError, match="warmup"):
-        reference_iteration(
-            teacher,
-            num_classes=3,
-            image_size=8,
-            channels=1,
-            batch_size=4,
-            w_bits=4,
-            a_bits=4,
-            iters=1,
-            warmup=0,
-        )
+        reference_iteration(teacher, **shape, iters=1, warmup=0)
