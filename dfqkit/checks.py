@@ -49,6 +49,13 @@ def check_setup(
             f"mixer {type(mixer).__name__} acts at stage {mixer.stage!r} but generator "
             f"{type(generator).__name__} accepts only {sorted(stages)}"
         )
+    sigma_losses = [type(x).__name__ for x in losses if getattr(x, "needs_learned_sigma", False)]
+    if sigma_losses and not getattr(mixer, "learns_sigma", False):
+        raise ConfigError(
+            f"{', '.join(sigma_losses)} in train.losses reads the mixing coefficients σ that the "
+            f"mixer learns, but train.mixer ({type(mixer).__name__}) learns none: use "
+            "@mixers.MultiLayerAttentionMixer() with heads > 0, or remove the loss"
+        )
     if generator.trainable and not any(loss.side == "generator" for loss in losses):
         raise ConfigError("the generator is trainable but train.losses has no generator-side loss")
     if trains_student and not any(loss.side == "student" for loss in losses):

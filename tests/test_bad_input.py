@@ -130,6 +130,11 @@ CASES = {
         ["HAEDS = 0"],
         ["macro HAEDS is set but nothing in the configuration reads it", "'HEADS'"],
     ),
+    "entropy floor on a sigma that is not learned": (
+        "recipes/ablations/diversity_sigma_entropy_floor_w4a3.gin",
+        ["HEADS = 0"],
+        ["SigmaEntropyFloor in train.losses", "learns none", "heads > 0"],
+    ),
     "binding of a part the run does not have": (
         R,
         ["mixers.Mixup.alpha = 0.3"],

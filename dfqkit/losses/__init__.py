@@ -6,6 +6,7 @@ from dfqkit.losses.bn_stats import BNStatsLoss
 from dfqkit.losses.dsg import DSGSlackBNSLoss, EigenStructureLoss
 from dfqkit.losses.kd import KDLoss
 from dfqkit.losses.patch_similarity import PatchSimilarityEntropy
+from dfqkit.losses.sigma_entropy import SigmaEntropyFloor
 from dfqkit.losses.sim_loss1 import SimLoss1
 from dfqkit.losses.sim_loss2 import SimLoss2
 from dfqkit.losses.soft_target_ce import SoftTargetCE
@@ -32,6 +33,7 @@ __all__ = [
     "KDLoss",
     "Loss",
     "PatchSimilarityEntropy",
+    "SigmaEntropyFloor",
     "SimLoss1",
     "SimLoss2",
     "SoftTargetCE",

@@ -179,6 +179,11 @@ class MultiLayerAttentionMixer(Mixer):
             table = self.table
         return self.token_norm(table)
 
+    @property
+    def learns_sigma(self) -> bool:
+        """Whether σ is learned (attention) rather than drawn at random (``heads = 0``)."""
+        return bool(self.heads)
+
     # ---- the mixing
     def _draw_classes(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(b, c)`` distinct classes with the sample's label first, and the ``(b, c)`` mask of
