@@ -147,19 +147,33 @@ def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
 
 
 def train_teacher(
-    name: str, *, seed: int = 0, force: bool = False, epochs: int | None = None
+    name: str,
+    *,
+    seed: int = 0,
+    force: bool = False,
+    epochs: int | None = None,
+    threads: int | None = 1,
 ) -> dict[str, Any]:
     """Train zoo teacher ``name`` and cache it; returns its metrics.
 
     If it is already cached and ``force`` is false, nothing is trained and the cached metrics
-    are returned. The global RNG state is restored afterwards.
+    are returned. The global RNG state and torch's thread count are restored afterwards.
+
+    CPU kernels sum in an order that depends on the thread count, so the same seed trained
+    with one thread and with two gives different teachers (on the offline testbed: test top-1
+    98.93 vs 98.60, and a naive W3A3 student 93 vs 51; docs/results.md, "Offline teacher").
+    The default trains on one thread, so the weights do not depend on the machine's core count.
 
     Args:
         name: a key of :data:`ZOO`.
         seed: training seed (model init, shuffling, augmentation); the data split is fixed.
         force: retrain even if cached.
         epochs: override the recipe's epoch count (short runs for tests).
+        threads: CPU threads to train with (``None``: torch's current setting).
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):  # fmt: skip
+        raise ValueError(f"threads must be an integer >= 1 or None, got {threads!r}")
     from safetensors.torch import save_file
 
     entry = _entry(name)
@@ -171,11 +185,17 @@ def train_teacher(
     if epochs is not None:
         recipe = dataclasses.replace(recipe, epochs=epochs)
     data = entry.data()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = entry.build()
-        state, metrics = fit_teacher(model, data, recipe=recipe, seed=seed)
-    metrics = {"name": name, **metrics}
+    previous_threads = torch.get_num_threads()
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = entry.build()
+            state, metrics = fit_teacher(model, data, recipe=recipe, seed=seed)
+        metrics = {"name": name, **metrics, "threads": torch.get_num_threads()}
+    finally:
+        torch.set_num_threads(previous_threads)
     text = json.dumps(metrics, indent=2) + "\n"
     # Metrics first: a weights file present implies its metrics are too.
     _write_atomic(json_path, lambda tmp: Path(tmp).write_text(text))
@@ -195,6 +215,13 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m dfqkit.zoo") -
     train.add_argument("--force", action="store_true", help="retrain even if cached")
     train.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     train.add_argument("--epochs", type=int, default=None, help="override the epoch count")
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads to train with (default 1: the same teacher on any machine's core "
+        "count; 0: torch's current setting)",
+    )
     path = commands.add_parser("path", help="print where a teacher's weights are cached")
     path.add_argument("name")
     args = parser.parse_args(argv)
@@ -211,7 +238,13 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m dfqkit.zoo") -
             print(zoo_path(args.name))
             return 0 if zoo_path(args.name).is_file() else 1
         else:
-            m = train_teacher(args.name, seed=args.seed, force=args.force, epochs=args.epochs)
+            m = train_teacher(
+                args.name,
+                seed=args.seed,
+                force=args.force,
+                epochs=args.epochs,
+                threads=args.threads or None,
+            )
             print(
                 f"{args.name}: test top-1 {m.get('test_top1', float('nan')):.2f}% "
                 f"(val {m.get('val_top1', float('nan')):.2f}%, epoch {m.get('best_epoch')}, "

@@ -98,3 +98,20 @@ def test_cli(env, capsys):
     assert "mnist_resnet8" in capsys.readouterr().out
     assert zoo.main(["train", "nope"]) == 2
     assert "valid names: mnist_resnet8" in capsys.readouterr().err
+
+
+def test_the_teacher_trains_on_one_thread_whatever_the_process_uses(env, tmp_path, monkeypatch):
+    monkeypatch.setenv("DFQKIT_CACHE", str(tmp_path))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        metrics = zoo.train_teacher("mnist_resnet8", seed=3, epochs=1)
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert metrics["threads"] == 1
+    first = load_file(str(env[0] / "zoo" / "mnist_resnet8.safetensors"))  # one-thread process
+    again = load_file(str(zoo.zoo_path("mnist_resnet8")))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    with pytest.raises(ValueError, match="threads must be an integer >= 1 or None, got 0"):
+        zoo.train_teacher("mnist_resnet8", force=True, threads=0)
