@@ -161,7 +161,8 @@ def train_teacher(
 
     CPU kernels sum in an order that depends on the thread count, so the same seed trained
     with one thread and with two gives different teachers (on the offline testbed: test top-1
-    98.93 vs 98.60, and a naive W3A3 student 93 vs 51; docs/results.md, "Offline teacher").
+    98.93 vs 98.60), and a 3-bit student's floor can move by tens of points between such
+    teachers (docs/results.md, "Offline teacher").
     The default trains on one thread, so the weights do not depend on the machine's core count.
 
     Args:
