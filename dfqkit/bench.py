@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import resource
 import statistics
@@ -270,6 +271,9 @@ def accuracy(
     if failed:
         raise RuntimeError("runs failed: " + "; ".join(failed))
     rows = aggregate(recipes, seeds, out)
+    warning = teachers_differ(rows)
+    if warning:
+        print(warning, file=sys.stderr)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "results.md").write_text(markdown_table(rows))
     plot(rows, out / "results.png")
@@ -277,6 +281,9 @@ def accuracy(
 
 
 def _stats(values: list[float]) -> dict[str, float]:
+    """Mean and sample std; NaN (a figure a run does not have) when any value is NaN."""
+    if any(math.isnan(v) for v in values):
+        return {"mean": math.nan, "std": math.nan, "values": values}
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": mean, "std": std, "values": values}
@@ -298,6 +305,9 @@ def aggregate(recipes: Sequence[str], seeds: Sequence[int], out: Path) -> list[d
                 "seeds": list(seeds),
                 "teacher": _stats([m["teacher"]["test_top1"] for m in ms]),
                 "naive": _stats([m["naive"]["test_top1"] for m in ms]),
+                "calibrated": _stats(
+                    [(m.get("calibrated") or {}).get("test_top1", math.nan) for m in ms]
+                ),
                 "best": _stats([m["best"]["test_top1"] for m in ms]),
                 "last": _stats([m["last"]["test_top1"] for m in ms]),
                 "last5": _stats([m["last5"]["test_top1"] for m in ms]),
@@ -307,22 +317,36 @@ def aggregate(recipes: Sequence[str], seeds: Sequence[int], out: Path) -> list[d
     return rows
 
 
+def teachers_differ(rows: list[dict[str, Any]]) -> str | None:
+    """A warning when the table's runs did not all use one teacher (its test top-1 differs),
+    else ``None``: such figures are not comparable (docs/results.md, "Offline teacher")."""
+    values = sorted({v for r in rows for v in r["teacher"]["values"]})
+    if len(values) <= 1:
+        return None
+    return (
+        "WARNING: these runs used different teachers (test top-1 "
+        + ", ".join(f"{v:.2f}" for v in values)
+        + "); their figures are not comparable"
+    )
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     def f(s: dict[str, float]) -> str:
-        return f"{s['mean']:.2f} ± {s['std']:.2f}"
+        return "–" if math.isnan(s["mean"]) else f"{s['mean']:.2f} ± {s['std']:.2f}"
 
     lines = [
-        "| recipe | W/A | teacher | naive | best-val epoch → test | last | mean of last 5 "
-        "| ms/iter | seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | W/A | teacher | naive | calibrated | best-val epoch → test | last "
+        "| mean of last 5 | ms/iter | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['recipe']} | W{r['w_bits']}A{r['a_bits']} | {r['teacher']['mean']:.2f} | "
-            f"{f(r['naive'])} | {f(r['best'])} | {f(r['last'])} | {f(r['last5'])} | "
-            f"{r['ms_per_iter']:.1f} | {len(r['seeds'])} |"
+            f"{f(r['naive'])} | {f(r['calibrated'])} | {f(r['best'])} | {f(r['last'])} | "
+            f"{f(r['last5'])} | {r['ms_per_iter']:.1f} | {len(r['seeds'])} |"
         )
-    return "\n".join(lines) + "\n"
+    warning = teachers_differ(rows)
+    return (f"{warning}\n\n" if warning else "") + "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

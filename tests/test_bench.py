@@ -5,7 +5,7 @@ import pytest
 from dfqkit import bench
 
 
-def _fake_run(out, recipe_stem, seed, best, naive=20.0):
+def _fake_run(out, recipe_stem, seed, best, naive=20.0, teacher=98.0, calibrated=None):
     d = out / "runs" / f"mnist_{recipe_stem}" / f"seed{seed}"
     d.mkdir(parents=True)
     metrics = {
@@ -13,7 +13,8 @@ def _fake_run(out, recipe_stem, seed, best, naive=20.0):
         "seed": seed,
         "w_bits": 2,
         "a_bits": 4,
-        "teacher": {"test_top1": 98.0},
+        "teacher": {"test_top1": teacher},
+        "calibrated": None if calibrated is None else {"epoch": 2, "test_top1": calibrated},
         "naive": {"test_top1": naive},
         "best": {"epoch": 3, "val_top1": best, "test_top1": best},
         "last": {"test_top1": best - 1},
@@ -32,9 +33,23 @@ def test_accuracy_aggregates_existing_runs_into_table_json_and_plot(tmp_path):
     assert row["best"]["std"] == pytest.approx(2.8284271, rel=1e-6)  # sample std of 80, 84
     assert row["last5"]["mean"] == pytest.approx(80.0)
     table = (tmp_path / "results.md").read_text()
-    assert "| recipes/mnist/gdfq_w2a4.gin | W2A4 | 98.00 | 20.00 ± 0.00 | 82.00 ± 2.83 |" in table
+    # no calibrated student in these runs: "–"
+    row = "| recipes/mnist/gdfq_w2a4.gin | W2A4 | 98.00 | 20.00 ± 0.00 | – | 82.00 ± 2.83 |"
+    assert row in table
+    assert "WARNING" not in table
     assert json.loads((tmp_path / "results.json").read_text())[0]["seeds"] == [0, 1]
     assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_accuracy_reports_the_calibrated_student_and_warns_when_teachers_differ(tmp_path, capsys):
+    _fake_run(tmp_path, "gdfq_w2a4", 0, 80.0, calibrated=30.0)
+    _fake_run(tmp_path, "gdfq_w2a4", 1, 84.0, calibrated=40.0, teacher=98.6)
+    rows = bench.accuracy(["recipes/mnist/gdfq_w2a4.gin"], [0, 1], tmp_path)
+    assert rows[0]["calibrated"]["mean"] == pytest.approx(35.0)
+    table = (tmp_path / "results.md").read_text()
+    assert "| 35.00 ± 7.07 | 82.00 ± 2.83 |" in table
+    warning = "used different teachers (test top-1 98.00, 98.60); their figures are not comparable"
+    assert warning in table and warning in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("layout", [[], ["--channels_last"]], ids=["nchw", "channels_last"])
