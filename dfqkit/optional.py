@@ -3,7 +3,8 @@
     onnx = require("onnx", extra="onnx", purpose="ONNX export")
 
 ``pip install 'dfqkit[onnx]'`` (onnx, onnxruntime), ``'dfqkit[plots]'`` (matplotlib),
-``'dfqkit[test]'`` (scikit-learn, for the 8×8 digits set, and everything the tests need).
+``'dfqkit[data]'`` (scikit-learn: the 8×8 digits and the bundled photos), ``'dfqkit[test]'``
+(everything the tests need).
 """
 
 from __future__ import annotations

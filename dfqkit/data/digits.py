@@ -31,7 +31,7 @@ def digits(*, seed: int = 0) -> EvalData:
         MissingDependency: scikit-learn is not installed.
     """
     datasets = require(
-        "sklearn.datasets", extra="test", purpose="data.digits", package="scikit-learn"
+        "sklearn.datasets", extra="data", purpose="data.digits", package="scikit-learn"
     )
     x, y = datasets.load_digits(return_X_y=True)
     images = ((torch.from_numpy(x).float() / 16.0 - MEAN) / STD).reshape(-1, 1, 8, 8)
