@@ -197,7 +197,7 @@ def epoch_line(record: dict[str, Any], best: dict[str, Any] | None) -> str:
     """The log line of one epoch: its phase, its evaluation against the best so far, its loss
     means and the mixer's statistics."""
     head = f"epoch {record['epoch']} [{record['phase']}"
-    head += "]" if record["phase"] == "training" else ": no student step yet]"
+    head += ": no student step yet]" if record["phase"] == "calibration" else "]"
     parts = [head]
     if "val_top1" in record:
         where = f"best val {best['val_top1']:.2f} @ {best['epoch']}" if best else "no best yet"

@@ -231,3 +231,16 @@ def test_a_bias_corrected_ema_frozen_before_it_settles_is_warned(caplog):
         assert ("frozen at about 2.49e+03x" in caplog.text) is correct
         assert "calibration give them 32 updates" in caplog.text or not correct
         assert "noise batches" not in caplog.text  # 200 naive updates have settled
+
+
+def test_the_epoch_line_names_the_phase_and_says_when_no_student_step_was_taken():
+    from dfqkit.report import epoch_line
+
+    assert epoch_line({"epoch": 1, "phase": "calibration"}, None).startswith(
+        "epoch 1 [calibration: no student step yet]"
+    )
+    assert epoch_line({"epoch": 5, "phase": "training"}, None).startswith("epoch 5 [training]")
+    # a PTQ student after its reconstruction is the result, not a student waiting for a step
+    assert epoch_line({"epoch": 1, "phase": "reconstructed"}, None).startswith(
+        "epoch 1 [reconstructed]"
+    )
