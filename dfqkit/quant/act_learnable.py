@@ -32,6 +32,8 @@ from dfqkit.quant.act_ema import EMAActQuantizer
 from dfqkit.quant.functional import _codes, _qparams, qrange
 from dfqkit.registry import register
 
+LOWER = ("learned", "fixed_if_nonnegative")
+
 
 class _LearnableFakeQuant(torch.autograd.Function):
     @staticmethod
@@ -116,6 +118,13 @@ class LearnableClipActQuantizer(EMAActQuantizer):
         grad_scale: LSQ gradient scaling of the bounds (off by default: with LSQ's scale the
             bounds need learning rates ~10^4 × the student's to move; measured, see
             docs/methods/diversity.md).
+        lower: ``"learned"`` (both bounds train) or ``"fixed_if_nonnegative"``: a lower bound
+            observed at 0 or above (a post-ReLU activation) keeps its observed value and only
+            the upper bound trains (PACT), so zero stays exactly on the grid; a negative one
+            still trains. Why: a learned lower bound of a non-negative activation creeps up
+            with the rounding-error gradient until ``lo / s`` passes 0.5, zero leaves the grid
+            and the bound jumps far below 0 (docs/methods/diversity.md, "Why the learned
+            clips collapse"). GUESS beyond the paper, which learns both.
     """
 
     sync_reduce: ClassVar[str] = "mean"
@@ -130,6 +139,7 @@ class LearnableClipActQuantizer(EMAActQuantizer):
         bias_correction: bool = False,
         lr: float | None = 0.01,
         grad_scale: bool = False,
+        lower: str = "learned",
     ) -> None:
         super().__init__(
             bits=bits, momentum=momentum, bias_correction=bias_correction, ste="clipped"
@@ -142,11 +152,24 @@ class LearnableClipActQuantizer(EMAActQuantizer):
         self.lr = None if lr is None else float(lr)
         self.weight_decay = 0.0
         self.grad_scale = bool(grad_scale)
+        if lower not in LOWER:
+            raise ValueError(
+                f"LearnableClipActQuantizer.lower must be one of {LOWER}, got {lower!r}"
+            )
+        self.lower = lower
 
     def _quantize(self, x: Tensor) -> Tensor:
         if self.mode == "observe":  # observer ranges: plain Eq. 14
             return super()._quantize(x)
-        return learnable_fake_quant(x, self.lo, self.hi, self.bits, grad_scale=self.grad_scale)
+        lo = self.lo
+        if self.lower == "fixed_if_nonnegative":
+            # the same value; a gradient only where the bound is negative (no host sync)
+            held = lo.detach()
+            lo = torch.where(held < 0, lo, held)
+        return learnable_fake_quant(x, lo, self.hi, self.bits, grad_scale=self.grad_scale)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, lr={self.lr}, grad_scale={self.grad_scale}"
+        return (
+            f"{super().extra_repr()}, lr={self.lr}, grad_scale={self.grad_scale}, "
+            f"lower={self.lower!r}"
+        )

@@ -110,3 +110,34 @@ def test_trainer_gives_clip_bounds_their_own_parameter_group():
     n_quant = sum(isinstance(m, LearnableClipActQuantizer) for m in student.modules())
     assert len(clips["params"]) == 2 * n_quant
     assert len(main["params"]) + len(clips["params"]) == len(list(student.parameters()))
+
+
+def test_a_nonnegative_lower_bound_can_be_held_so_zero_stays_on_the_grid():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(64, 32)) * 2  # post-ReLU: observed lo = 0
+    signed = torch.randn(64, 32)  # observed lo < 0
+    for lower, lo_moves in (("learned", True), ("fixed_if_nonnegative", False)):
+        q = LearnableClipActQuantizer(bits=3, lower=lower)
+        q(x)
+        q.mode = "frozen"
+        assert q.lo.item() == 0.0
+        opt = torch.optim.SGD(q.parameters(), lr=0.05, momentum=0.9)
+        hi0 = q.hi.item()
+        for _ in range(20):  # the rounding-error gradient pushes a learned lo above 0
+            opt.zero_grad()
+            (q(x) - x.round()).square().sum().backward()
+            opt.step()
+        assert (q.lo.item() != 0.0) is lo_moves
+        assert q.hi.item() != hi0  # the upper bound trains in both
+        if not lo_moves:  # held exactly: zero is a grid point, the forward is plain Eq. 14
+            torch.testing.assert_close(q(x), fake_quant(x, q.lo.detach(), q.hi.detach(), 3))
+    # a negative lower bound (a signed activation) still trains
+    q = LearnableClipActQuantizer(bits=3, lower="fixed_if_nonnegative")
+    q(signed)
+    q.mode = "frozen"
+    lo0 = q.lo.item()
+    assert lo0 < 0
+    (q(signed) - signed * 3).square().sum().backward()
+    assert q.lo.grad is not None and q.lo.grad.item() != 0.0
+    with pytest.raises(ValueError, match="lower must be one of"):
+        LearnableClipActQuantizer(bits=3, lower="pact")
