@@ -120,7 +120,9 @@ def _step():
     bn = nn.BatchNorm2d(3).eval()
     x = torch.randn(4, 3, 5, 5, requires_grad=True)
     labels = torch.tensor([0, 1, 2, 1])
-    batch = SynthBatch(labels=labels, targets=F.one_hot(labels, 3).float(), images=x)
+    # an attention mixer's record: peaked mixing coefficients that depend on the images
+    mix = {"sigma": (x.mean((2, 3)) * 10).softmax(-1), "mixed": torch.ones(4, dtype=torch.bool)}
+    batch = SynthBatch(labels=labels, targets=F.one_hot(labels, 3).float(), images=x, mix=mix)
     teacher = torch.randn(4, 3, requires_grad=True)
     student = torch.randn(4, 3, requires_grad=True)
     taps = {
