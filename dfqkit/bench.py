@@ -36,7 +36,6 @@ import copy
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ import torch
 from dfqkit import allocator
 from dfqkit import config as cfg
 from dfqkit.bench_official import compare as compare_official
-from dfqkit.bench_reference import reference_iteration
+from dfqkit.bench_reference import peak_rss_mb, reference_iteration
 from dfqkit.build import build_run
 from dfqkit.engine import Phase
 from dfqkit.evaluate import evaluate
@@ -153,7 +152,7 @@ def speed(
         "iterations": iters,
         **timing,
         "img_per_s": 1000 * bs / ms,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "torch": torch.__version__,
     }
     if torch.cuda.is_available():
@@ -197,7 +196,7 @@ def time_iterations(
         times.append(time.perf_counter() - start)
     if calib is not None and times:
         calib["ms_calibration_iter"] = 1000 * statistics.median(times)
-        calib["peak_rss_calibration_mb"] = _peak_rss_mb()
+        calib["peak_rss_calibration_mb"] = peak_rss_mb()
     set_quant_mode(run.student, "frozen")
     marks: list[float] = []
     for _ in range(iterations):
@@ -207,10 +206,6 @@ def time_iterations(
             cpu.append(time.process_time() - start)
     run.engine.pop_loss_means()
     return marks
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _run_one(recipe: str, seed: int, out: Path, params: Sequence[str], threads: int | None):

@@ -20,7 +20,8 @@ It is written from the description of the official code (xushoukai/GDFQ ``traine
   generator step — the calibration phase's peak memory, which a timing of the training phase
   alone misses.
 
-Only :func:`reference_iteration` is public; nothing here is used by training.
+Only :func:`reference_iteration` and :func:`peak_rss_mb` (which the bench shares) are public;
+nothing here is used by training.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def _quantize_like_gdfq(model: nn.Module, w_bits: int, a_bits: int) -> nn.Module
     return model
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MB (Linux ``ru_maxrss`` is in KB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -230,7 +232,7 @@ def reference_iteration(
         if calibrating:
             calib.append(time.perf_counter() - t0)
             if i == warmup - 1:
-                peak_calibration = _peak_rss_mb()
+                peak_calibration = peak_rss_mb()
         else:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
