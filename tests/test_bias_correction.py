@@ -127,3 +127,33 @@ def test_only_quantized_layers_are_corrected_and_wrong_input_is_refused():
     dw = nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4), nn.ReLU6(), nn.Conv2d(4, 3, 1))
     CrossLayerEqualization(relu6="relu").before(dw, None)
     assert [s.act.kind for s in BiasCorrection().before(dw, None)] == ["relu"]
+
+
+def test_timm_norms_with_their_own_activation_are_sites():
+    from timm.layers import BatchNormAct2d
+    from timm.layers.conv2d_same import Conv2dSame
+
+    model = nn.Sequential(
+        Conv2dSame(3, 4, 3, stride=2, bias=False),
+        BatchNormAct2d(4, act_layer=nn.ReLU6),
+        Conv2dSame(4, 4, 3, stride=2, groups=4, bias=False),
+        BatchNormAct2d(4, apply_act=False),
+        nn.Conv2d(4, 2, 1),
+    ).eval()
+    sites = BiasCorrection().before(model, None)
+    assert [(s.layer, s.norm, s.act.kind) for s in sites] == [
+        ("2", "1", "relu6"),
+        ("4", "3", "identity"),
+    ]
+    # an activation the closed forms do not cover is not a site
+    model[1] = BatchNormAct2d(4, act_layer=nn.SiLU)
+    assert [s.layer for s in BiasCorrection().before(model, None)] == ["4"]
+    # both same-padding and plain layers are corrected once quantized
+    example = torch.zeros(2, 3, 9, 9)
+    model[1] = BatchNormAct2d(4, act_layer=nn.ReLU6)
+    with torch.no_grad():  # E[x] = β with no activation: a zero β would need no correction
+        model[3].bias.copy_(torch.tensor([1.0, -2.0, 0.5, 3.0]))
+    keep = model[4].bias.detach().clone()
+    student = quantize_with(model, QuantConfig(w_bits=3, a_bits=8), example, [BiasCorrection()])
+    assert isinstance(student[2].bias, nn.Parameter)  # the depthwise Conv2dSame got a bias
+    assert not torch.equal(student[4].bias.detach(), keep)

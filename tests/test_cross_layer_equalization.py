@@ -226,3 +226,47 @@ def test_equalized_pair_quantizes_better_with_per_tensor_weights():
     plain = error(model)
     CrossLayerEqualization()(model)
     assert error(model) < plain / 10, (error(model), plain)
+
+
+def _timm_style(act=nn.ReLU) -> nn.Module:
+    """timm's EfficientNet layers: ``Conv2dSame`` (padding computed from the input's shape, which
+    plain fx cannot trace) and ``BatchNormAct2d`` (the norm applies its own activation)."""
+    from timm.layers import BatchNormAct2d
+    from timm.layers.conv2d_same import Conv2dSame
+
+    return nn.Sequential(
+        Conv2dSame(3, 8, 3, stride=2, bias=False),
+        BatchNormAct2d(8, act_layer=act),
+        Conv2dSame(8, 8, 3, stride=2, groups=8, bias=False),  # depthwise
+        BatchNormAct2d(8, act_layer=act),
+        nn.Conv2d(8, 4, 1, bias=False),
+        BatchNormAct2d(4, apply_act=False),  # a linear bottleneck: its norm has no activation
+        nn.Conv2d(4, 6, 1),
+    )
+
+
+def test_timm_same_padding_convs_and_norms_with_their_own_activation(caplog):
+    model = _randomize(_timm_style())
+    x = torch.randn(3, 3, 9, 9)  # odd size: "SAME" padding is asymmetric here
+    before = model(x)
+    found = CrossLayerEqualization()(model)
+    assert [(p.first, p.second, p.norm, p.act.kind) for p in found] == [
+        ("0", "2", "1", "relu"),  # the act inside BatchNormAct2d is read as the pair's activation
+        ("2", "4", "3", "relu"),
+        ("4", "6", "5", "identity"),  # apply_act=False: no activation
+    ]
+    _same(model(x), before)
+    for pair in found:
+        r1, r2 = _pair_ranges(model, pair)
+        torch.testing.assert_close(r1, r2, rtol=1e-4, atol=0)
+    # ReLU6 inside the norm: skipped with the fix named, or replaced and equalized exactly
+    relu6 = _randomize(_timm_style(nn.ReLU6))
+    with caplog.at_level(logging.INFO, logger="dfqkit.ptq.cross_layer_equalization"):
+        kept = CrossLayerEqualization()(copy.deepcopy(relu6))
+    assert [(p.first, p.second) for p in kept] == [("4", "6")]
+    assert caplog.text.count("relu6 is not positively homogeneous") == 2
+    assert "relu6 = 'relu'" in caplog.text
+    reference = copy.deepcopy(relu6)
+    assert replace_relu6(reference) == 2
+    assert len(CrossLayerEqualization(relu6="relu")(relu6)) == 3
+    _same(relu6(x), reference(x))

@@ -1,7 +1,11 @@
 """The layer chains of a float model that the data-free transforms act on, read from its fx graph.
 
-Two patterns, both found on ``torch.fx.symbolic_trace(model)`` (standard ``torch.nn`` modules
-are leaves; everything else is traced into, so names are the model's own module names):
+Two patterns, both found on the model's fx graph (:func:`trace`: standard ``torch.nn`` modules
+are leaves, and so are subclasses of a conv, linear or batch-norm layer, such as timm's
+``Conv2dSame`` and ``BatchNormAct2d``; everything else is traced into, so names are the model's
+own module names). A batch norm that applies its own activation (timm's ``BatchNormAct2d``:
+``act(drop(bn(x)))``, ``drop`` an identity or dropout) counts as the norm followed by that
+activation:
 
 * a **pair** for cross-layer equalization: ``A → [BN] → [activation] → [pass-through]* → B``
   where ``A`` and ``B`` are both ``nn.Conv2d`` or both ``nn.Linear``, every node on the way
@@ -22,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from timm.layers.conv2d_same import Conv2dSame
 from torch import fx, nn
 from torch.nn import functional as F
 
@@ -69,10 +74,20 @@ class Site:
     act: Activation
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer with conv, linear and batch-norm subclasses as leaves: their ``forward`` may
+    hold control flow on the input's shape (timm's ``Conv2dSame`` computes its padding from it)
+    that fx cannot trace, and the patterns read them as the layers they are."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, LAYERS + NORMS) or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace(model: nn.Module, who: str) -> fx.GraphModule:
-    """``fx.symbolic_trace(model)``; a model fx cannot trace is refused naming ``who``."""
+    """The fx graph of ``model`` (:class:`_Tracer`); a model fx cannot trace is refused naming
+    ``who``."""
     try:
-        return fx.symbolic_trace(model)
+        return fx.GraphModule(model, _Tracer().trace(model), type(model).__name__)
     except Exception as err:  # fx raises many kinds (TraceError, TypeError, ...)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(
@@ -82,7 +97,37 @@ def trace(model: nn.Module, who: str) -> fx.GraphModule:
 
 
 def is_float_layer(module: nn.Module) -> bool:
+    """A float conv or linear layer that ``quantize_`` quantizes: one that keeps its base class's
+    ``forward``, or timm's ``Conv2dSame`` (zero "SAME" padding, then the convolution: scaling
+    its input or output channels commutes with the padding)."""
+    if type(module) is Conv2dSame:
+        return True
     return any(isinstance(module, t) and type(module).forward is t.forward for t in LAYERS)
+
+
+def _module_activation(m: nn.Module) -> Activation | None:
+    if type(m) is nn.ReLU:
+        return Activation("relu")
+    if type(m) is nn.ReLU6:
+        return Activation("relu6")
+    if type(m) is nn.LeakyReLU:
+        return Activation("leaky_relu", slope=float(m.negative_slope))
+    if isinstance(m, nn.Hardtanh | nn.GELU | nn.SiLU | nn.Hardswish | nn.Sigmoid | nn.Tanh):
+        return Activation("other", what=type(m).__name__)
+    return None
+
+
+def fused_activation(norm: nn.Module) -> Activation | None:
+    """The activation a batch norm applies itself (timm's ``BatchNormAct2d``), ``None`` for a
+    plain one or an identity; ``"other"`` for anything it cannot vouch for."""
+    act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)
+    if drop is not None and not isinstance(drop, nn.Identity | nn.Dropout):
+        return Activation("other", what=f"{type(norm).__name__}.drop = {type(drop).__name__}")
+    if act is None or isinstance(act, nn.Identity):
+        return None
+    return _module_activation(act) or Activation(
+        "other", what=f"{type(norm).__name__}.act = {type(act).__name__}"
+    )
 
 
 def _module(graph: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -93,15 +138,7 @@ def activation(graph: fx.GraphModule, node: fx.Node) -> Activation | None:
     """The activation ``node`` computes, or ``None`` when it is not an activation."""
     m = _module(graph, node)
     if m is not None:
-        if type(m) is nn.ReLU:
-            return Activation("relu")
-        if type(m) is nn.ReLU6:
-            return Activation("relu6")
-        if type(m) is nn.LeakyReLU:
-            return Activation("leaky_relu", slope=float(m.negative_slope))
-        if isinstance(m, nn.Hardtanh | nn.GELU | nn.SiLU | nn.Hardswish | nn.Sigmoid | nn.Tanh):
-            return Activation("other", what=type(m).__name__)
-        return None
+        return _module_activation(m)
     if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
         kind = _RELU_FUNCTIONS[node.target]
         what = "F.relu6 (a function, never replaced)" if kind == "relu6" else ""
@@ -167,7 +204,7 @@ def pairs(graph: fx.GraphModule) -> tuple[list[Pair], list[str]]:
                     )
                 break
             if isinstance(m, NORMS) and norm is None and act is None:
-                norm = cur
+                norm, act = cur, fused_activation(m)
             elif a is not None and act is None:
                 act = a
             elif not isinstance(m, PASS_THROUGH):
@@ -203,6 +240,10 @@ def sites(graph: fx.GraphModule) -> list[Site]:
             m = _module(graph, cur)
             a = activation(graph, cur)
             if isinstance(m, NORMS):
+                fused = fused_activation(m)
+                if fused is not None and act is not None:
+                    break  # an activation after the norm's own: not a pattern the forms cover
+                act = act or fused
                 if act is None or act.kind != "other":
                     found.append(Site(node.target, cur.target, act or Activation("identity")))
                 break
