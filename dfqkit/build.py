@@ -279,7 +279,8 @@ def warn_inflated_ranges(student: nn.Module, *, naive: int, run: int) -> None:
                 f"their ranges will be frozen at about {factor:.3g}x the observed statistics "
                 f"(it settles after about 150 updates); give more updates "
                 "(train.naive_batches, train.calib_epochs x ITERS_PER_EPOCH) or set "
-                "quantizers.EMAActQuantizer.bias_correction = False (docs/quantization.md)"
+                f"quantizers.{type(ema[0]).__name__}.bias_correction = False "
+                "(docs/quantization.md)"
             )
 
 

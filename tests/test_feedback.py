@@ -231,6 +231,42 @@ def test_a_bias_corrected_ema_frozen_before_it_settles_is_warned(caplog):
         assert ("frozen at about 2.49e+03x" in caplog.text) is correct
         assert "calibration give them 32 updates" in caplog.text or not correct
         assert "noise batches" not in caplog.text  # 200 naive updates have settled
+        assert "quantizers.EMAActQuantizer.bias_correction = False" in caplog.text or not correct
+    # the fix names the quantizer actually in use (the paper's learnable clips subclass the EMA)
+    from dfqkit.quant.act_learnable import LearnableClipActQuantizer
+
+    learnable = functools.partial(LearnableClipActQuantizer, bias_correction=True)
+    quant = QuantConfig(w_bits=4, a_bits=4, act_quantizer=learnable)
+    student = quantize_(copy.deepcopy(net), quant, torch.zeros(1, 1, 4, 4))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        warn_inflated_ranges(student, naive=8, run=40)
+    assert "quantizers.LearnableClipActQuantizer.bias_correction = False" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["gdfq", "diversity"])
+def test_the_cpu_recipes_freeze_no_range_before_it_settles(method, caplog):
+    """The Lite1 generator-family recipes calibrate with 8 noise batches and 2 x 20 iterations:
+    too few for GDFQ's bias-corrected EMA (their first full run froze ranges ~1,000x too wide,
+    0 % agreement), so they bind a plain EMA; their configuration must not warn."""
+    import gin
+
+    from dfqkit import config as cfg
+    from dfqkit.build import warn_inflated_ranges
+    from dfqkit.quant import QuantConfig, act_quantizers, quantize_
+
+    gin.clear_config()
+    cfg.parse([f"recipes/cpu/lite1_{method}_w4a8.gin"], [])
+    quant = gin.get_configurable("quant.QuantConfig")()  # with the recipe's bindings
+    assert isinstance(quant, QuantConfig)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten())
+    student = quantize_(net, quant, torch.zeros(1, 1, 4, 4))
+    assert act_quantizers(student)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        warn_inflated_ranges(student, naive=8, run=40)
+    gin.clear_config()
+    assert "bias-corrected EMA" not in caplog.text
 
 
 def test_the_epoch_line_names_the_phase_and_says_when_no_student_step_was_taken():
