@@ -256,16 +256,22 @@ def test_the_cpu_recipes_freeze_no_range_before_it_settles(method, caplog):
     from dfqkit.quant import QuantConfig, act_quantizers, quantize_
 
     gin.clear_config()
-    cfg.parse([f"recipes/cpu/lite1_{method}_w4a8.gin"], [])
-    quant = gin.get_configurable("quant.QuantConfig")()  # with the recipe's bindings
-    assert isinstance(quant, QuantConfig)
+    try:
+        cfg.parse([f"recipes/cpu/lite1_{method}_w4a8.gin"], [])
+        quant = gin.get_configurable("quant.QuantConfig")()  # with the recipe's bindings
+        naive = gin.query_parameter("train.naive_batches")  # the recipe's own budget
+        updates = gin.query_parameter("train.calib_epochs") * gin.query_parameter(
+            "%ITERS_PER_EPOCH"
+        )
+    finally:
+        gin.clear_config()
+    assert isinstance(quant, QuantConfig) and (naive, updates) == (8, 40)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten())
     student = quantize_(net, quant, torch.zeros(1, 1, 4, 4))
     assert act_quantizers(student)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        warn_inflated_ranges(student, naive=8, run=40)
-    gin.clear_config()
+        warn_inflated_ranges(student, naive=naive, run=updates)
     assert "bias-corrected EMA" not in caplog.text
 
 

@@ -26,11 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.layers.conv2d_same import Conv2dSame
 from torch import fx, nn
 from torch.nn import functional as F
 
 from dfqkit.errors import ConfigError
+from dfqkit.quant.modules import quant_class
 
 LAYERS = (nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -97,12 +97,10 @@ def trace(model: nn.Module, who: str) -> fx.GraphModule:
 
 
 def is_float_layer(module: nn.Module) -> bool:
-    """A float conv or linear layer that ``quantize_`` quantizes: one that keeps its base class's
-    ``forward``, or timm's ``Conv2dSame`` (zero "SAME" padding, then the convolution: scaling
-    its input or output channels commutes with the padding)."""
-    if type(module) is Conv2dSame:
-        return True
-    return any(isinstance(module, t) and type(module).forward is t.forward for t in LAYERS)
+    """A float conv or linear layer that ``quantize_`` quantizes (:func:`quant_class`): one that
+    keeps its base class's ``forward``, or timm's ``Conv2dSame`` (zero "SAME" padding, then the
+    convolution: scaling its input or output channels commutes with the padding)."""
+    return isinstance(module, LAYERS) and quant_class(module) is not None
 
 
 def _module_activation(m: nn.Module) -> Activation | None:

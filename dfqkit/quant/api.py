@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from dfqkit.quant.act_base import ActQuantizer, check_mode
 from dfqkit.quant.config import QuantConfig
 from dfqkit.quant.dry_run import DryRun, dry_run
-from dfqkit.quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear
+from dfqkit.quant.modules import QUANT_MODULES, QuantConv2d, QuantLinear, quant_class
 from dfqkit.quant.policies import POLICIES
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -28,14 +28,7 @@ def _swap_layers(
     unknown: list[str] = []
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) not in swapped:
-            quant_cls = next(
-                (
-                    quant
-                    for base, quant in QUANT_MODULES.items()
-                    if isinstance(module, base) and type(module).forward is base.forward
-                ),
-                None,
-            )
+            quant_cls = quant_class(module)
             if not isinstance(module, tuple(QUANT_MODULES)):
                 continue
             if filter_fn is not None and not filter_fn(module, name):

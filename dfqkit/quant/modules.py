@@ -159,3 +159,17 @@ QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv2d: QuantConv2d,
     nn.Linear: QuantLinear,
 }
+
+
+def quant_class(module: nn.Module) -> type[nn.Module] | None:
+    """The quantized class ``quantize_`` swaps ``module`` for: the entry of
+    :data:`QUANT_MODULES` whose base ``module`` is an instance of without overriding its
+    ``forward`` (timm's ``Conv2dSame`` has its own entry); ``None`` for any other module."""
+    return next(
+        (
+            quant
+            for base, quant in QUANT_MODULES.items()
+            if isinstance(module, base) and type(module).forward is base.forward
+        ),
+        None,
+    )
