@@ -9,7 +9,15 @@ docs/cpu.md, "What Lite1 needs". One thread:
 
     python -m dfqkit.train --gin recipes/cpu/lite1_zeroq_w4a8.gin      # once: the synthetic set
     OMP_NUM_THREADS=1 python docs/scripts/lite1_ptq_choices.py OUT.jsonl \
-        ~/.cache/dfqkit/synthetic/<key printed by that run> [FILTER] [round2]
+        ~/.cache/dfqkit/synthetic/<key printed by that run> [FILTER] [round2|round3|margins]
+
+``round3`` splits W6A6's loss into its weight and activation parts and tries empirical bias
+correction (each layer's per-channel output mean matched to the float model's on the given
+images, in execution order) on the synthetic set and, as an upper bound that is not data-free,
+on the photo crops themselves. ``margins`` asks how decided the float model is on the crops
+(its top-1 probability and top-1 − top-2 gap) and where the recipes' quantized models disagree
+with it: agreement by thirds of the gap, the float top-1 within the quantized top-5, and the
+KL divergence from the float model's predictions.
 """
 
 import copy
@@ -29,6 +37,7 @@ from dfqkit.quant.act_lsq import LSQActQuantizer
 from dfqkit.quant.act_minmax import MinMaxActQuantizer
 from dfqkit.quant.api import set_quant_mode
 from dfqkit.quant.config import QuantConfig
+from dfqkit.quant.modules import QuantConv2d, QuantLinear
 from dfqkit.quant.weight_adaround import AdaRoundWeightQuantizer
 from dfqkit.quant.weight_minmax import MinMaxWeightQuantizer
 from dfqkit.quant.weight_symmetric import SymmetricWeightQuantizer
@@ -65,6 +74,79 @@ def agree(model):
     return round(100 * hit.mean().item(), 2), round(100 * hit[-ntest:].mean().item(), 2)
 
 
+@torch.no_grad()
+def empirical_bc(student, images):
+    """Match every quantized layer's per-channel output mean on ``images`` to the float
+    model's, in execution order (one float and one quantized pass; each correction is applied
+    to the layer's output at once, so the layers after it see the corrected input)."""
+    names = [n for n, m in student.named_modules() if isinstance(m, QuantConv2d | QuantLinear)]
+    floats, quants = dict(teacher.named_modules()), dict(student.named_modules())
+    target, hooks = {}, []
+
+    def channel_mean(o):
+        return o.mean(dim=(0, 2, 3)) if o.dim() == 4 else o.mean(0)
+
+    def record(n):
+        return lambda m, i, o: target.__setitem__(n, channel_mean(o))
+
+    def correct(n):
+        def hook(m, i, o):
+            d = target[n] - channel_mean(o)
+            if m.bias is None:
+                m.bias = torch.nn.Parameter(d.clone(), requires_grad=False)
+            else:
+                m.bias.add_(d)
+            return o + (d.view(1, -1, 1, 1) if o.dim() == 4 else d)
+
+        return hook
+
+    hooks = [floats[n].register_forward_hook(record(n)) for n in names]
+    teacher(images)
+    for h in hooks:
+        h.remove()
+    hooks = [quants[n].register_forward_hook(correct(n)) for n in names]
+    student(images)
+    for h in hooks:
+        h.remove()
+
+
+def margin_report(name, student):
+    with torch.no_grad():
+        lf = torch.cat([teacher(imgs[i : i + 32]) for i in range(0, len(imgs), 32)])
+        lq = torch.cat([student(imgs[i : i + 32]) for i in range(0, len(imgs), 32)])
+    p = lf.softmax(-1)
+    top2 = p.topk(2, -1).values
+    gap = top2[:, 0] - top2[:, 1]
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    hit = (lq.argmax(-1) == lf.argmax(-1)).float()
+    order = gap.argsort()
+    n = len(order)
+    rec = dict(
+        name=name,
+        float_top1_prob_q10_25_50_75_90=[round(x, 3) for x in p.amax(-1).quantile(q).tolist()],
+        float_gap_q10_25_50_75_90=[round(x, 3) for x in gap.quantile(q).tolist()],
+        agree_all=round(100 * hit.mean().item(), 2),
+        agree_by_gap_third=[
+            round(100 * hit[order[i * n // 3 : (i + 1) * n // 3]].mean().item(), 1)
+            for i in range(3)
+        ],
+        float_top1_in_quant_top5=round(
+            100
+            * (lq.topk(5, -1).indices == lf.argmax(-1, keepdim=True)).any(-1).float().mean().item(),
+            1,
+        ),
+        kl_float_to_quant=round(
+            torch.nn.functional.kl_div(
+                lq.log_softmax(-1), lf.log_softmax(-1), log_target=True, reduction="batchmean"
+            ).item(),
+            4,
+        ),
+    )
+    print(json.dumps(rec), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def run(
     name,
     w,
@@ -77,6 +159,8 @@ def run(
     act="minmax",
     policy="after_relu",
     second=None,
+    ebc=None,
+    margins=False,
 ):
     wq = {
         "minmax_pc": partial(MinMaxWeightQuantizer, per_channel=True),
@@ -118,6 +202,12 @@ def run(
             for _ in range(8):
                 s(torch.randn(16, 3, 240, 240, generator=g))
     set_quant_mode(s, "frozen")
+    if ebc == "synthetic":
+        empirical_bc(s, synth)
+    elif ebc == "crops":
+        empirical_bc(s, imgs[:128])  # the val crops: an upper bound, not data-free
+    if margins:
+        return margin_report(name, s)
     all_, test = agree(s)
     rec = dict(
         name=name,
@@ -129,6 +219,7 @@ def run(
         policy=policy,
         transforms=list(transforms),
         first_last=first_last,
+        ebc=ebc,
         agree_all=all_,
         agree_test=test,
         seconds=round(time.perf_counter() - t0, 1),
@@ -177,6 +268,28 @@ if len(sys.argv) > 4 and sys.argv[4] == "round2":
                 dict(weight="mse_pc", act="lsq_mse", first_last=8, transforms=("bc",)),
             ),
         ]
+if len(sys.argv) > 4 and sys.argv[4] == "round3":
+    fl_bc = dict(first_last=8, transforms=("bc",))
+    grid = [
+        ("bc 8bit-fl W6A8", 6, 8, fl_bc),
+        ("bc 8bit-fl W8A6", 8, 6, fl_bc),
+        ("mse-w+bc 8bit-fl W6A8", 6, 8, dict(fl_bc, weight="mse_pc")),
+        ("lsq-a+bc 8bit-fl W8A6", 8, 6, dict(fl_bc, act="lsq_mse")),
+    ]
+    for w, a in [(6, 6), (4, 8)]:
+        grid += [
+            (
+                f"empirical-bc(synthetic) 8bit-fl W{w}A{a}",
+                w,
+                a,
+                dict(first_last=8, ebc="synthetic"),
+            ),
+            (f"bc+empirical-bc(synthetic) 8bit-fl W{w}A{a}", w, a, dict(fl_bc, ebc="synthetic")),
+            (f"bc+empirical-bc(val crops) 8bit-fl W{w}A{a}", w, a, dict(fl_bc, ebc="crops")),
+        ]
+if len(sys.argv) > 4 and sys.argv[4] == "margins":
+    fl_bc = dict(first_last=8, transforms=("bc",), margins=True)
+    grid = [(f"bc 8bit-fl W{w}A{a}", w, a, fl_bc) for w, a in [(8, 8), (6, 6), (4, 8), (4, 4)]]
 for name, w, a, kw in grid:
     if only and not any(o in name for o in only):
         continue
