@@ -61,6 +61,43 @@ def test_bound_gradients_by_hand():
     torch.testing.assert_close((lo.grad, hi.grad), (torch.tensor(1.0), torch.tensor(0.0)))
 
 
+def test_values_exactly_on_the_grid_ends_count_as_inside():
+    """LSQ's convention: a code exactly at qmin or qmax (a post-ReLU zero with lo = 0, a
+    value at hi) is inside: its gradient reaches x and it pushes no bound as a clipped one."""
+    lo, hi = torch.tensor(0.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    x = torch.tensor([0.0, 3.0, 3.0001, -0.0001], requires_grad=True)  # 2 bits: s = 1, z = 2
+    y = learnable_fake_quant(x, lo, hi, 2, grad_scale=False)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    # only the two clipped values move the bounds: above, d/dhi = 1; below, d/dlo = 1
+    torch.testing.assert_close((lo.grad, hi.grad), (torch.tensor(1.0), torch.tensor(1.0)))
+
+
+@pytest.mark.parametrize("bits", [3, 8])
+def test_bound_gradients_of_a_large_tensor_match_float64(bits):
+    """The backward sums over every element: on an activation-sized tensor its float32 sums
+    stay within 1e-4 of the same sums in float64."""
+    torch.manual_seed(bits)
+    x = torch.randn(16, 16, 28, 28).relu_()
+    w = torch.randn_like(x)
+    lo = torch.tensor(0.0, requires_grad=True)
+    hi = torch.tensor(1.7, requires_grad=True)
+    (learnable_fake_quant(x, lo, hi, bits, grad_scale=False) * w).sum().backward()
+    n = 2**bits - 1
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    s = 1.7 / n
+    z = 0 - qmin  # round(lo / s) - qmin with lo = 0
+    t = x.double() / s - z
+    inside = (t >= qmin) & (t <= qmax)
+    q = t.clamp(qmin, qmax).round()
+    ds = torch.where(inside, q - t, q + z)
+    g_s = (w.double() * ds).sum()
+    g_out = (w.double() * ~inside).sum()
+    want = (g_out - g_s / n, g_s / n)
+    torch.testing.assert_close(lo.grad.double(), want[0].reshape(()), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(hi.grad.double(), want[1].reshape(()), rtol=1e-4, atol=1e-3)
+
+
 def test_grad_scale_is_lsq_per_sample_features():
     x = torch.randn(8, 2, 3, 3) * 3
     lo, hi = torch.tensor(-1.0, requires_grad=True), torch.tensor(1.0, requires_grad=True)
