@@ -37,7 +37,13 @@ from dfqkit.errors import ConfigError
 from dfqkit.generators.base import synthesize
 from dfqkit.losses.base import Loss
 from dfqkit.mixers import NoMixer
-from dfqkit.phases import Calibration, OneStepPerturbation, ReconstructionStage, noise_batch
+from dfqkit.phases import (
+    Calibration,
+    ConstantImages,
+    OneStepPerturbation,
+    ReconstructionStage,
+    noise_batch,
+)
 from dfqkit.ptq import check_transforms, quantize_with
 from dfqkit.quant import EMAActQuantizer, QuantConfig, act_quantizers
 from dfqkit.run import MIXED_PRECISION, Run, Schedule
@@ -82,6 +88,7 @@ def build_run(
     max_nonfinite_in_a_row: int = 20,
     deterministic: bool = False,
     perturbation_eps: float = 0.0,
+    constant_images: float = 0.0,
     observe_in_both_steps: bool = False,
     reconstruction: Any | None = None,
     transforms: Sequence[Any] = (),
@@ -134,6 +141,9 @@ def build_run(
             it (docs/training.md, "Determinism").
         perturbation_eps: HAST's one-step perturbed sample in the student step (0: off;
             :class:`~dfqkit.phases.OneStepPerturbation`).
+        constant_images: constant images added to every student batch, as a fraction of the
+            batch (0: none; :class:`~dfqkit.phases.ConstantImages`, a GUESS beyond the papers:
+            docs/methods/diversity.md).
         observe_in_both_steps: while ranges are observed, observe each batch in the student's
             forward of the generator step *and* in the observing forward (AdaSG/AdaDFQ's
             released code: two range updates per calibration iteration).
@@ -185,6 +195,7 @@ def build_run(
         calib_epochs=calib_epochs,
         mixed_precision=mixed_precision,
         perturbation_eps=perturbation_eps,
+        constant_images=constant_images,
         deterministic=deterministic,
         reconstruction=reconstruction,
     )
@@ -220,6 +231,9 @@ def build_run(
         batch_size=batch_size,
         example=example,
         perturbation=OneStepPerturbation(perturbation_eps) if perturbation_eps > 0 else None,
+        constant_images=(
+            ConstantImages(constant_images, data.mean, data.std) if constant_images > 0 else None
+        ),
         observe_twice=observe_in_both_steps,
     )
     return Run(
@@ -379,6 +393,7 @@ def _check_settings(
     calib_epochs: int,
     mixed_precision: str,
     perturbation_eps: float,
+    constant_images: float,
     deterministic: bool,
     reconstruction: Any,
 ) -> None:
@@ -395,6 +410,15 @@ def _check_settings(
         )
     if not isinstance(perturbation_eps, int | float) or perturbation_eps < 0:
         raise ConfigError(f"train.perturbation_eps must be a number >= 0, got {perturbation_eps!r}")
+    if (
+        not isinstance(constant_images, int | float)
+        or isinstance(constant_images, bool)
+        or not 0 <= constant_images <= 1
+    ):
+        raise ConfigError(
+            f"train.constant_images must be a number in [0, 1] (the fraction of the student "
+            f"batch added as constant images; 0: none), got {constant_images!r}"
+        )
     if not isinstance(deterministic, bool):
         raise ConfigError(f"train.deterministic must be True or False, got {deterministic!r}")
     if deterministic:

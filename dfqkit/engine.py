@@ -48,6 +48,8 @@ class Engine:
         perturbation: a callable that replaces the student step's batch, teacher logits and
             taps by a perturbed version (HAST: :class:`~dfqkit.phases.OneStepPerturbation`),
             with a ``loss_scale`` for the student loss; ``None``: none.
+        constant_images: a callable of the same form applied before ``perturbation``
+            (:class:`~dfqkit.phases.ConstantImages`); ``None``: none.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class Engine:
         batch_size: int,
         example: torch.Tensor | None = None,
         perturbation: Callable | None = None,
+        constant_images: Callable | None = None,
         observe_twice: bool = False,
     ) -> None:
         self.acc = accelerator
@@ -78,6 +81,7 @@ class Engine:
         self.student_params = [p for p in student.parameters() if p.requires_grad]
         self.batch_size = batch_size
         self.perturbation = perturbation
+        self.constant_images = constant_images
         mixer_module = getattr(mixer, "module", mixer)
         self.mixer_module = mixer_module
         readers = [*losses, mixer_module]
@@ -239,6 +243,10 @@ class Engine:
         if phase.student:
             teacher_logits = teacher_logits.detach()
             scale = 1.0
+            if self.constant_images is not None:
+                batch, teacher_logits, teacher_taps = self.constant_images(
+                    self, batch, teacher_logits, teacher_taps, epoch
+                )
             if self.perturbation is not None:
                 batch, teacher_logits, teacher_taps = self.perturbation(
                     self, batch, teacher_logits, teacher_taps, epoch

@@ -6,6 +6,8 @@
   the last epochs (PTQ on finished images, PSAQ-ViT).
 * :class:`OneStepPerturbation` — HAST's perturbed copy of every student batch
   (``train.perturbation_eps``), applied by the :class:`~dfqkit.engine.Engine`.
+* :class:`ConstantImages` — constant images added to every student batch
+  (``train.constant_images``), applied by the :class:`~dfqkit.engine.Engine`.
 * :class:`ReconstructionStage` — a post-training stage (``train.reconstruction``, Genie-M's
   block reconstruction) run unit by unit after the last epoch.
 """
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -117,6 +120,76 @@ class OneStepPerturbation:
 
     def __repr__(self) -> str:
         return f"OneStepPerturbation(eps={self.eps})"
+
+
+class ConstantImages:
+    """Constant images added to every student batch (``train.constant_images``; GUESS, beyond
+    every paper implemented here; docs/methods/diversity.md, "A remedy for the background").
+
+    ``n = max(1, round(fraction · b))`` images, each filled with one value per channel drawn
+    uniformly from the teacher's valid pixel range (raw pixels in ``[0, 1]``, normalized with
+    the evaluation data's mean and std), are appended to the student step's batch; the teacher
+    is run on them (its logits and the taps the student losses read), and their targets are the
+    teacher's own probabilities. Synthesized images have no flat regions, so without them no
+    loss sees how the student answers a constant background, and a weight moving across a
+    rounding boundary can change that answer for every real image at once.
+
+    Args:
+        fraction: the number of constant images relative to the batch (> 0).
+        mean, std: per-channel normalization of the teacher's input.
+    """
+
+    loss_scale = 1.0
+
+    def __init__(self, fraction: float, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.fraction = float(fraction)
+        mean = torch.as_tensor(mean, dtype=torch.float32)
+        std = torch.as_tensor(std, dtype=torch.float32)
+        self.low, self.high = (0.0 - mean) / std, (1.0 - mean) / std
+
+    def count(self, batch_size: int) -> int:
+        return max(1, round(self.fraction * batch_size))
+
+    def images(self, like: torch.Tensor) -> torch.Tensor:
+        """``(n, c, h, w)`` constant images shaped like the batch ``like``."""
+        b, c, h, w = like.shape
+        if c != self.low.numel():
+            raise ValueError(
+                f"train.constant_images: the images have {c} channels but the data's mean/std "
+                f"have {self.low.numel()}"
+            )
+        low, high = self.low.to(like.device), self.high.to(like.device)
+        u = torch.rand(self.count(b), c, 1, 1, device=like.device)
+        values = low.view(1, c, 1, 1) + u * (high - low).view(1, c, 1, 1)
+        return values.expand(-1, -1, h, w).to(like.dtype).contiguous()
+
+    def __call__(self, engine, batch: SynthBatch, teacher_logits, teacher_taps, epoch: int):
+        """The batch with the constant images appended, and the teacher's logits and the
+        student-read taps on all of it."""
+        const = self.images(batch.images)
+        n = const.shape[0]
+        with torch.no_grad(), engine.acc.autocast(), engine.teacher_taps:
+            const_logits = engine.teacher(const).detach()
+        const_taps = engine.teacher_taps.collect()
+        taps = {k: cat_taps(v, const_taps[k]) for k, v in teacher_taps.items()}
+        probs = const_logits.float().softmax(-1)
+        targets = batch.targets
+        if targets is not None:
+            targets = torch.cat([targets, probs.to(targets.dtype)])
+
+        def pad(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, x.new_zeros((n, *x.shape[1:]))])
+
+        extended = SynthBatch(
+            labels=torch.cat([batch.labels, probs.argmax(-1).to(batch.labels.dtype)]),
+            targets=targets,
+            images=torch.cat([batch.images, const]),
+            mix={k: pad(v) for k, v in batch.mix.items() if isinstance(v, torch.Tensor)},
+        )
+        return extended, torch.cat([teacher_logits, const_logits]), taps
+
+    def __repr__(self) -> str:
+        return f"ConstantImages(fraction={self.fraction})"
 
 
 class ReconstructionStage:
