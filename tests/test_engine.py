@@ -153,6 +153,63 @@ def test_perturbed_sample_doubles_the_batch_with_the_sign_gradient_step():
     torch.testing.assert_close(l_both, l_sum)
 
 
+def test_constant_images_are_flat_in_the_valid_pixel_range_and_teacher_labelled():
+    """train.constant_images: n = round(fraction·b) images, each one value per channel inside
+    [(0 - mean)/std, (1 - mean)/std], appended with the teacher's logits and taps on them and
+    its probabilities as their targets; mixing records are padded with zeros."""
+    from dfqkit.phases import ConstantImages
+    from dfqkit.step import SynthBatch
+
+    engine, teacher, _, _ = _engine([SoftTargetCE(), BNStatsLoss(weight=0.1), KDLoss()])
+    engine.student_reads = {"bn_inputs"}
+    const = ConstantImages(0.5, mean=(0.25,), std=(0.5,))
+    torch.manual_seed(3)
+    x = torch.randn(6, 1, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    targets = torch.nn.functional.one_hot(labels, 3).float()
+    batch = SynthBatch(labels=labels, targets=targets, images=x,
+                       mix={"mixed": torch.ones(6), "sigma": torch.rand(6, 3)})  # fmt: skip
+    with engine.teacher_taps:
+        t_logits = teacher(x)
+    taps = engine.teacher_taps.collect()
+    ext, logits, ext_taps = const(engine, batch, t_logits, taps, epoch=0)
+    assert ext.images.shape == (9, 1, 8, 8)
+    torch.testing.assert_close(ext.images[:6], x)
+    flat = ext.images[6:]
+    assert torch.equal(flat, flat[:, :, :1, :1].expand_as(flat))  # one value per image
+    assert flat.min() >= -0.5 and flat.max() <= 1.5  # (0 - .25)/.5 and (1 - .25)/.5
+    assert flat[:, 0, 0, 0].unique().numel() == 3
+    with torch.no_grad():
+        want = teacher(flat)
+    torch.testing.assert_close(logits, torch.cat([t_logits, want]))
+    torch.testing.assert_close(ext.targets[6:], want.softmax(-1))
+    torch.testing.assert_close(ext.targets[:6], targets)
+    assert ext.labels[6:].tolist() == want.argmax(-1).tolist()
+    assert ext.mix["mixed"].tolist() == [1.0] * 6 + [0.0] * 3
+    assert ext.mix["sigma"].shape == (9, 3) and not ext.mix["sigma"][6:].any()
+    (bn_in, bn), (got, got_bn) = taps["bn_inputs"][0], ext_taps["bn_inputs"][0]
+    assert got_bn is bn and got.shape[0] == 9
+    torch.testing.assert_close(got[:6], bn_in)
+    torch.testing.assert_close(got[6:], teacher[0](flat))
+    assert ConstantImages(0.01, (0.0,), (1.0,)).count(64) == 1  # at least one image
+
+
+def test_constant_images_reach_the_student_step():
+    from dfqkit.phases import ConstantImages
+
+    engine, _, student, _ = _engine(constant_images=ConstantImages(0.5, (0.5,), (0.5,)))
+    set_quant_mode(student, "observe")
+    engine.iteration(Phase(generator=True, observe=True, student=False), epoch=0)
+    set_quant_mode(student, "frozen")
+    seen = []
+    student.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    engine.iteration(Phase(generator=True, observe=False, student=True), epoch=1)
+    (images,) = seen
+    assert images.shape[0] == 9
+    torch.testing.assert_close(images[:6], engine.last_batch.images)
+    assert torch.equal(images[6:], images[6:, :, :1, :1].expand_as(images[6:]))
+
+
 def test_block_attention_tap_and_feature_attention_loss():
     from dfqkit.losses import FeatureAttentionLoss
     from dfqkit.models.mnist_resnet import mnist_resnet

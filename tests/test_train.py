@@ -226,6 +226,13 @@ def test_final_calibration_refuses_student_steps_before_it(teacher_env, tmp_path
         )
 
 
+@pytest.mark.parametrize("value", [-0.1, 1.5, True, "0.1"])
+def test_constant_images_out_of_range_is_refused_naming_the_binding(teacher_env, tmp_path, value):
+    with pytest.raises(ConfigError, match=r"train.constant_images must be a number in \[0, 1\]"):
+        run([RECIPE], [*TINY, f"train.constant_images = {value!r}"], output_dir=tmp_path / "x")
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
 def test_cosine_schedule():
     from dfqkit.run import Schedule
 
