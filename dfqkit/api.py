@@ -277,6 +277,8 @@ def quantize(
     set_quant_mode(student, "frozen")
     record_model(out, out / "dfqkit.quantize", run.loaded)
     print(summary_line(metrics))
+    if metrics.get("note"):
+        print(metrics["note"])
     student.run_dir = str(out)
     return student
 

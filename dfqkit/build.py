@@ -92,6 +92,7 @@ def build_run(
     observe_in_both_steps: bool = False,
     reconstruction: Any | None = None,
     transforms: Sequence[Any] = (),
+    note: str = "",
     recipe: str = "",
     output_dir: str | Path,
     for_training: bool = True,
@@ -154,6 +155,9 @@ def build_run(
             the naive reference alike (:func:`dfqkit.ptq.quantize_with`): e.g.
             ``[@ptq.CrossLayerEqualization(), @ptq.BiasCorrection()]`` (docs/ptq.md). Empty
             (the default): the student is ``quantize_`` of the teacher's copy, nothing else.
+        note: one line the finished run prints under its summary and records in
+            ``metrics.json`` (e.g. the command that compares it with another recipe); empty:
+            none.
         recipe: the recipe's name, recorded in the metrics (the run directory layer sets it).
         output_dir: the run directory (set by the caller, not by gin).
         for_training: ``False`` builds the run to inspect, export or benchmark it: no
@@ -173,6 +177,8 @@ def build_run(
         **{f"losses[{i}]": loss for i, loss in enumerate(losses)},
     )
     transforms = check_transforms(transforms)
+    if not isinstance(note, str) or "\n" in note:
+        raise ConfigError(f"train.note must be a one-line string, got {note!r}")
     schedule = Schedule(
         epochs=epochs,
         iters_per_epoch=iters_per_epoch,
@@ -239,6 +245,7 @@ def build_run(
     return Run(
         output_dir=out,
         recipe=recipe,
+        note=note,
         schedule=schedule,
         accelerator=acc,
         teacher=teacher,

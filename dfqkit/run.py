@@ -124,6 +124,8 @@ class Run:
     state: ckpt.TrainState
     trackers: list[str]
     example: torch.Tensor
+    #: a line the finished run prints under its summary (``train.note``)
+    note: str = ""
     base_lrs: list[list[float]] = field(init=False)
     #: ``(which, epochs done)`` of the checkpoint :meth:`load` restored, else ``None``
     loaded: tuple[str, int] | None = field(default=None, init=False)

@@ -189,6 +189,8 @@ def fit(run: Run, *, resumed_from: int | None = None) -> dict[str, Any]:
     metrics["float_layers"] = float_layers(run.student_module)  # conv/linear left in float
     metrics["processes"] = process_report(run)
     metrics["evaluation"] = {"data": run.data.name, "labels": run.data.labelled_by}
+    if run.note:
+        metrics["note"] = run.note
     if acc.is_main_process:
         (run.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         cfg.save_operative_config(run.output_dir)
@@ -392,6 +394,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.train") -> in
         return 130
     if metrics.get("main_process", True) and not math.isnan(metrics["best"]["test_top1"]):
         print(summary_line(metrics))
+        if metrics.get("note"):
+            print(metrics["note"])
     return 0
 
 

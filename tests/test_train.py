@@ -19,6 +19,7 @@ TINY = [
     "generators.ConditionalGenerator.width = 16",
 ]
 RECIPE = "recipes/mnist/gdfq_w4a4.gin"
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 # for recipes without GDFQ's generator (a binding nothing reads is refused)
 NO_GENERATOR = [p for p in TINY if not p.startswith(("LATENT_DIM", "generators."))]
 
@@ -110,6 +111,30 @@ def test_cli_errors_are_one_line_without_traceback(teacher_env, capsys, tmp_path
     (tmp_path / "file").write_text("x")
     code = main(["--gin", RECIPE, "--output_dir", str(tmp_path / "file")])
     assert code == 2 and "is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quickstart_runs_the_papers_method_and_names_the_gdfq_comparison(
+    teacher_env, capsys, tmp_path
+):
+    params = [*TINY, "DIM = 8", "EMBED_EPOCHS = 1", "BLOCKS = 1"]
+    args = ["--gin", "recipes/quickstart.gin", "--output_dir", str(tmp_path / "q")]
+    assert main([*args, *(x for p in params for x in ("--gin_param", p))]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-2].startswith("test top-1: teacher ")
+    assert out[-1].endswith(
+        "python -m dfqkit.bench accuracy --gin recipes/quickstart.gin recipes/quickstart_gdfq.gin "
+        "--seeds 0 --out runs/quickstart_vs_gdfq"
+    )
+    metrics = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert metrics["note"] == out[-1]
+    assert "MultiLayerAttentionMixer" in (tmp_path / "q" / "config.gin").read_text()
+    assert (REPO / "recipes/quickstart_gdfq.gin").exists()
+
+
+def test_a_note_must_be_one_line(teacher_env, tmp_path):
+    with pytest.raises(ConfigError, match="train.note must be a one-line string"):
+        run([RECIPE], [*TINY, "train.note = 'a\\nb'"], output_dir=tmp_path / "x")
 
 
 def test_checkpoint_selection_ignores_incomplete(tmp_path):
