@@ -113,8 +113,9 @@ def test_corrected_student_has_no_mean_shift_on_gaussian_bn_outputs():
 def test_only_quantized_layers_are_corrected_and_wrong_input_is_refused():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3))
     example = torch.zeros(2, 1, 8, 8)
-    sites = BiasCorrection().before(model, example)
+    sites, weights = BiasCorrection().before(model, example)
     assert [(s.layer, s.norm, s.act.kind) for s in sites] == [("3", "1", "relu")]
+    assert list(weights) == ["3"] and torch.equal(weights["3"], model[3].weight)
     config = QuantConfig(w_bits=4, a_bits=4)
     keep = model[3].bias.detach().clone()
     student = quantize_with(model, config, example, [BiasCorrection()])
@@ -126,7 +127,7 @@ def test_only_quantized_layers_are_corrected_and_wrong_input_is_refused():
     # after CLE with ReLU6 replaced, bias correction sees the ReLU
     dw = nn.Sequential(nn.Conv2d(2, 4, 1), nn.BatchNorm2d(4), nn.ReLU6(), nn.Conv2d(4, 3, 1))
     CrossLayerEqualization(relu6="relu").before(dw, None)
-    assert [s.act.kind for s in BiasCorrection().before(dw, None)] == ["relu"]
+    assert [s.act.kind for s in BiasCorrection().before(dw, None)[0]] == ["relu"]
 
 
 def test_timm_norms_with_their_own_activation_are_sites():
@@ -140,14 +141,14 @@ def test_timm_norms_with_their_own_activation_are_sites():
         BatchNormAct2d(4, apply_act=False),
         nn.Conv2d(4, 2, 1),
     ).eval()
-    sites = BiasCorrection().before(model, None)
+    sites, _ = BiasCorrection().before(model, None)
     assert [(s.layer, s.norm, s.act.kind) for s in sites] == [
         ("2", "1", "relu6"),
         ("4", "3", "identity"),
     ]
     # an activation the closed forms do not cover is not a site
     model[1] = BatchNormAct2d(4, act_layer=nn.SiLU)
-    assert [s.layer for s in BiasCorrection().before(model, None)] == ["4"]
+    assert [s.layer for s in BiasCorrection().before(model, None)[0]] == ["4"]
     # both same-padding and plain layers are corrected once quantized
     example = torch.zeros(2, 3, 9, 9)
     model[1] = BatchNormAct2d(4, act_layer=nn.ReLU6)

@@ -31,7 +31,8 @@ TINY = [
 def test_the_list_is_checked_with_the_fix_named():
     cle, bc = CrossLayerEqualization(), BiasCorrection()
     assert check_transforms([cle, bc]) == [cle, bc] and check_transforms(()) == []
-    order = r"\[BiasCorrection\(\) \(quantized\), .*float model must come before"
+    order = r"\[BiasCorrection\(\) \(quantized\), .*the stages must run in the order \('float', "
+    order += r"'rounding', 'quantized'\)"
     with pytest.raises(ConfigError, match=order):
         check_transforms([bc, cle])
     with pytest.raises(ConfigError, match=r"transforms\[0\] is @ptq.BiasCorrection — the class"):

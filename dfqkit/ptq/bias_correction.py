@@ -72,12 +72,14 @@ def norm_output_moments(norm: nn.Module) -> tuple[Tensor, Tensor]:
     return norm.bias.detach(), norm.weight.detach().abs()
 
 
-def output_shift(layer: nn.Module, mean: Tensor) -> Tensor:
+def output_shift(layer: nn.Module, mean: Tensor, reference: Tensor | None = None) -> Tensor:
     """``(W_q − W) · E[x]`` of a quantized conv/linear, ``(c_out,)`` float64, for the
-    per-input-channel mean ``E[x]`` ``(c_in,)`` (summed over kernel positions)."""
+    per-input-channel mean ``E[x]`` ``(c_in,)`` (summed over kernel positions). ``W`` is
+    ``reference`` (the float model's weight) when given, else the layer's own weight."""
     with torch.no_grad():
         w = layer.weight.detach()
-        err = (layer.weight_quant(w).double() - w.double()).cpu()
+        ref = w if reference is None else reference.to(w.device)
+        err = (layer.weight_quant(w).double() - ref.double()).cpu()
     mean = mean.double().cpu()
     if isinstance(layer, nn.Linear):
         return err @ mean
@@ -87,10 +89,13 @@ def output_shift(layer: nn.Module, mean: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def correct_layer(layer: nn.Module, norm: nn.Module, act: Activation) -> Tensor:
-    """Subtract the expected output shift from ``layer``'s bias in place; returns the shift."""
+def correct_layer(
+    layer: nn.Module, norm: nn.Module, act: Activation, reference: Tensor | None = None
+) -> Tensor:
+    """Subtract the expected output shift from ``layer``'s bias in place; returns the shift.
+    ``reference``: the float weight the quantized one is compared with (default: its own)."""
     mu, sigma = norm_output_moments(norm)
-    shift = output_shift(layer, expected_input(mu, sigma, act))
+    shift = output_shift(layer, expected_input(mu, sigma, act), reference)
     w = layer.weight
     delta = (-shift).to(device=w.device, dtype=w.dtype)
     if layer.bias is None:
@@ -105,13 +110,17 @@ class BiasCorrection(Transform):
     """Analytic bias correction of every quantized conv/linear fed by a batch norm (Nagel et al.).
 
     Bound in ``train.transforms`` after any transform of the float model: it finds its layers
-    on the float model (``before``) and corrects them once their weights are quantized
-    (``after``). Layers that ``quantize_`` left float are not touched.
+    on the float model (``before``, which also keeps their float weights) and corrects them once
+    their weights are quantized (``after``), against those float weights: a rounding transform
+    between the two (``@ptq.SQuant()``) is corrected as it ends. Layers that ``quantize_`` left
+    float are not touched.
     """
 
     stage = "quantized"
 
-    def before(self, model: nn.Module, example: Tensor | None = None) -> list[Site]:
+    def before(
+        self, model: nn.Module, example: Tensor | None = None
+    ) -> tuple[list[Site], dict[str, Tensor]]:
         check_float(self, model)
         found = [
             s for s in sites(trace(model, f"train.transforms: {self!r}")) if s.act.kind != "other"
@@ -121,17 +130,20 @@ class BiasCorrection(Transform):
                 f"train.transforms: {self!r} found no conv or linear layer fed by a batch norm "
                 f"(+ ReLU/ReLU6/LeakyReLU) in {type(model).__name__}"
             )
-        return found
+        modules = dict(model.named_modules())
+        weights = {s.layer: modules[s.layer].weight.detach().clone() for s in found}
+        return found, weights
 
-    def after(self, student: nn.Module, state: list[Site]) -> None:
+    def after(self, student: nn.Module, state: tuple[list[Site], dict[str, Tensor]]) -> None:
+        found, weights = state
         modules = dict(student.named_modules())
         done = 0
-        for site in state:
+        for site in found:
             layer, norm = modules.get(site.layer), modules.get(site.norm)
             if isinstance(layer, QuantConv2d | QuantLinear) and norm is not None:
-                correct_layer(layer, norm, site.act)
+                correct_layer(layer, norm, site.act, weights[site.layer])
                 done += 1
-        logger.info(f"BiasCorrection: {done} of {len(state)} layers fed by a batch norm corrected")
+        logger.info(f"BiasCorrection: {done} of {len(found)} layers fed by a batch norm corrected")
 
     def __repr__(self) -> str:
         return "BiasCorrection()"

@@ -9,8 +9,9 @@ A transform acts on the model being quantized without any data, in two places:
 :func:`quantize_with` runs every ``before`` in list order, ``quantize_``, then every ``after``.
 The run builds the student *and* the naive reference with it, so both see the same transforms;
 with no transform it is exactly ``quantize_``. Transforms whose ``stage`` is ``"float"``
-(they change the float model) must come before those whose ``stage`` is ``"quantized"`` (they
-read the float model to correct the quantized one).
+(they change the float model) come first, then ``"rounding"`` ones (they change how the
+quantized weights are rounded, e.g. SQuant), then ``"quantized"`` ones (they read the float
+model to correct the quantized one, e.g. bias correction); another order is refused.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from dfqkit.quant import QuantConfig, quantize_
 from dfqkit.quant.act_base import ActQuantizer
 from dfqkit.quant.modules import QuantConv2d, QuantLinear
 
-STAGES = ("float", "quantized")
+#: the order transforms run in: on the float model, then on the rounding of the quantized
+#: weights (SQuant), then reading the quantized model (bias correction)
+STAGES = ("float", "rounding", "quantized")
 
 
 class Transform:
@@ -73,8 +76,8 @@ def check_transforms(transforms: Sequence[Any]) -> list[Transform]:
     if stages != sorted(stages):
         order = ", ".join(f"{t!r} ({t.stage})" for t in transforms)
         raise ConfigError(
-            f"train.transforms = [{order}]: transforms on the float model must come before "
-            "those on the quantized one (bias correction reads the equalized model)"
+            f"train.transforms = [{order}]: the stages must run in the order {STAGES} "
+            "(bias correction reads the equalized model and corrects the final rounding)"
         )
     return list(transforms)
 

