@@ -70,7 +70,7 @@ def check_transforms(transforms: Sequence[Any]) -> list[Transform]:
         if not isinstance(t, Transform):
             raise ConfigError(
                 f"train.transforms[{i}] must be a data-free transform (@ptq.CrossLayerEqualization"
-                f"(), @ptq.BiasCorrection()), got {t!r}"
+                f"(), @ptq.SQuant(), @ptq.BiasCorrection()), got {t!r}"
             )
     stages = [STAGES.index(t.stage) for t in transforms]
     if stages != sorted(stages):
