@@ -216,6 +216,11 @@ def build_run(
         acc, teacher, data, generator, mixer, losses, quant, schedule, transforms, reconstruction
     )
     _check_observed(student, calibration, calib_epochs)
+    if constant_images > 0 and example is not None and len(data.mean) != example.shape[1]:
+        raise ConfigError(
+            f"train.constant_images needs the teacher input's per-channel mean and std: the "
+            f"data has {len(data.mean)} channels, the teacher's input {example.shape[1]}"
+        )
     updates = calib_epochs * iters_per_epoch * (2 if observe_in_both_steps else 1)
     warn_inflated_ranges(student, naive=naive_batches, run=updates if calibration != "noise" else 0)
     stage = None

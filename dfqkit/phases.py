@@ -153,11 +153,6 @@ class ConstantImages:
     def images(self, like: torch.Tensor) -> torch.Tensor:
         """``(n, c, h, w)`` constant images shaped like the batch ``like``."""
         b, c, h, w = like.shape
-        if c != self.low.numel():
-            raise ValueError(
-                f"train.constant_images: the images have {c} channels but the data's mean/std "
-                f"have {self.low.numel()}"
-            )
         low, high = self.low.to(like.device), self.high.to(like.device)
         u = torch.rand(self.count(b), c, 1, 1, device=like.device)
         values = low.view(1, c, 1, 1) + u * (high - low).view(1, c, 1, 1)
@@ -168,10 +163,15 @@ class ConstantImages:
         student-read taps on all of it."""
         const = self.images(batch.images)
         n = const.shape[0]
-        with torch.no_grad(), engine.acc.autocast(), engine.teacher_taps:
-            const_logits = engine.teacher(const).detach()
-        const_taps = engine.teacher_taps.collect()
-        taps = {k: cat_taps(v, const_taps[k]) for k, v in teacher_taps.items()}
+        taps = teacher_taps
+        with torch.no_grad(), engine.acc.autocast():
+            if teacher_taps:  # the taps a student loss reads, on the constant images too
+                with engine.teacher_taps:
+                    const_logits = engine.teacher(const)
+                const_taps = engine.teacher_taps.collect()
+                taps = {k: cat_taps(v, const_taps[k]) for k, v in teacher_taps.items()}
+            else:
+                const_logits = engine.teacher(const)
         probs = const_logits.float().softmax(-1)
         targets = batch.targets
         if targets is not None:

@@ -129,16 +129,17 @@ def squant_round(
     return q
 
 
-def _grid(layer: nn.Module) -> tuple[Tensor, Tensor, int]:
-    """``(scale, zero_point, bits)`` of a layer's weight quantizer, with ``w ≈ s · (q + z)``."""
+def _codes(layer: nn.Module) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``(q, scale, zero_point, bits)`` of a layer's weight as its quantizer rounds it now,
+    with ``w ≈ s · (q + z)``."""
     wq = layer.weight_quant
     w = layer.weight.detach()
     if isinstance(wq, MinMaxWeightQuantizer):
-        _, s, z = wq.codes(w)
-        return s, z, wq.bits
+        q, s, z = wq.codes(w)
+        return q, s, z, wq.bits
     if isinstance(wq, SymmetricWeightQuantizer):
-        s = wq.scale(w)
-        return s, torch.zeros_like(s), wq.bits
+        q, s = wq.codes(w)
+        return q, s, torch.zeros_like(s), wq.bits
     raise ConfigError(
         f"train.transforms: SQuant() rounds weights on a min/max or symmetric grid "
         f"(quantizers.MinMaxWeightQuantizer, quantizers.SymmetricWeightQuantizer), but "
@@ -152,7 +153,7 @@ def squant_layer(layer: nn.Module, *, kernel: bool = True, channel: bool = True)
     """Re-round a quantized conv/linear layer's weight in place; returns the number of weights
     whose code changed. The layer's quantizer then reproduces the new codes (checked)."""
     w = layer.weight
-    s, z, bits = _grid(layer)
+    q0, s, z, bits = _codes(layer)  # the quantizer's own (float32) rounding
     qmin, qmax = qrange(bits)
     w64 = w.detach().double()
     n = w.shape[2] * w.shape[3] if w.dim() == 4 else 1
@@ -165,13 +166,13 @@ def squant_layer(layer: nn.Module, *, kernel: bool = True, channel: bool = True)
     movable = ((flat != wmin) & (flat != wmax)).view(r3.shape)
     low = r3.flatten(1).amin(1).ceil().view(-1, 1, 1)
     high = r3.flatten(1).amax(1).floor().view(-1, 1, 1)
-    q0 = layer.weight_quant.codes(w.detach())[0].double().reshape(r3.shape)  # as it rounds
+    q0 = q0.double().reshape(r3.shape)
     q = squant_round(r3, low, high, movable, nearest=q0, kernel=kernel, channel=channel)
     changed = q != q0
     value = (q + z.double().view(-1, 1, 1)) * s.double().view(-1, 1, 1)
     new = torch.where(changed, value, w64.reshape(r3.shape)).reshape(w.shape)
     w.copy_(new.to(w.dtype))
-    got = layer.weight_quant.codes(w.detach())[0].double().reshape(q.shape)
+    got = _codes(layer)[0].double().reshape(q.shape)
     if not torch.equal(got, q.to(got.dtype)):
         raise RuntimeError(
             f"SQuant: the weight quantizer of a {type(layer).__name__} does not reproduce the "
