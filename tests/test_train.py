@@ -386,3 +386,18 @@ def test_two_stage_fine_tuning_recipes_run(teacher_env, tmp_path, method):
     params = [p for p in TINY if not p.startswith(("LATENT_DIM", "generators."))]
     m = run([f"recipes/mnist/{method}_w4a4.gin"], [*params, *SYNTH_TINY], output_dir=tmp_path / "r")
     assert m["epochs_done"] == 2 and 0.0 <= m["last"]["test_top1"] <= 100.0
+
+
+@pytest.mark.slow
+def test_noise_calibration_starts_from_the_naive_reference(teacher_env, tmp_path):
+    """``train.calibration = 'noise'``: the student never observes, so after the warm-up (no
+    student step yet) it is the naive reference exactly: same weights, same ranges, same test
+    predictions; calibrated on the generator it is not."""
+    noise = run([RECIPE], [*TINY, "train.calibration = 'noise'"], output_dir=tmp_path / "n")
+    calibrated = noise["history"][0]
+    assert calibrated["phase"] == "calibration"
+    assert calibrated["test_top1"] == noise["naive"]["test_top1"]
+    assert calibrated["test_agree"] == noise["naive"]["test_agree"]
+    gen = run([RECIPE], TINY, output_dir=tmp_path / "g")
+    assert gen["naive"] == noise["naive"]
+    assert gen["history"][0]["test_agree"] != calibrated["test_agree"]
