@@ -36,7 +36,7 @@ from dfqkit.engine import Engine
 from dfqkit.errors import ConfigError
 from dfqkit.generators.base import synthesize
 from dfqkit.losses.base import Loss
-from dfqkit.mixers import NoMixer
+from dfqkit.mixers import Mixer, NoMixer
 from dfqkit.phases import (
     Calibration,
     ConstantImages,
@@ -111,6 +111,9 @@ def build_run(
         calib_epochs: epochs in which activation observers update; frozen afterwards.
         calibration: where the student's activation ranges come from: ``"generator"`` (GDFQ:
             observed on the synthesized batches during the first ``calib_epochs``),
+            ``"generator_unmixed"`` (the same epochs, on a batch synthesized with mixing off
+            beside each training batch, never on the mixed training batches; needs a mixer;
+            docs/methods/diversity.md, "Why the method's calibrated student starts low"),
             ``"noise"`` (the naive reference's ranges, observed on ``naive_batches`` Gaussian
             noise batches before training; ``calib_epochs`` is then unused) or ``"final"``
             (observed on the synthesized batches of the *last* ``calib_epochs`` epochs: PTQ on
@@ -216,6 +219,7 @@ def build_run(
         acc, teacher, data, generator, mixer, losses, quant, schedule, transforms, reconstruction
     )
     _check_observed(student, calibration, calib_epochs)
+    _check_unmixed(calibration, mixer, observe_in_both_steps)
     if constant_images > 0 and example is not None and len(data.mean) != example.shape[1]:
         raise ConfigError(
             f"train.constant_images needs the teacher input's per-channel mean and std: the "
@@ -246,6 +250,7 @@ def build_run(
             ConstantImages(constant_images, data.mean, data.std) if constant_images > 0 else None
         ),
         observe_twice=observe_in_both_steps,
+        observe_unmixed=calibration == "generator_unmixed",
     )
     return Run(
         output_dir=out,
@@ -308,6 +313,31 @@ def warn_inflated_ranges(student: nn.Module, *, naive: int, run: int) -> None:
                 f"quantizers.{type(ema[0]).__name__}.bias_correction = False "
                 "(docs/quantization.md)"
             )
+
+
+def _check_unmixed(calibration: str, mixer: nn.Module, observe_in_both_steps: bool) -> None:
+    """``'generator_unmixed'`` needs a mixer that mixes, with an unmixed form, and observes
+    nothing else."""
+    if calibration != "generator_unmixed":
+        return
+    module = getattr(mixer, "module", mixer)
+    name = type(module).__name__
+    if isinstance(module, NoMixer):
+        raise ConfigError(
+            "train.calibration = 'generator_unmixed' observes ranges on batches synthesized "
+            "with mixing off, but this run mixes nothing (train.mixer is NoMixer): use "
+            "'generator'"
+        )
+    if module.stage == "cond" and type(module).unmixed is Mixer.unmixed:
+        raise ConfigError(
+            f"train.calibration = 'generator_unmixed' needs the mixer's unmixed form, and "
+            f"{name} (a conditioning mixer) defines no unmixed(): use 'generator'"
+        )
+    if observe_in_both_steps:
+        raise ConfigError(
+            "train.observe_in_both_steps = True observes the (mixed) training batches, "
+            "train.calibration = 'generator_unmixed' only unmixed ones: set one of them"
+        )
 
 
 def _check_observed(student: nn.Module, calibration: str, calib_epochs: int) -> None:

@@ -3,8 +3,10 @@
 Per iteration: sample z and labels → generator (+ mixer) → teacher forward with the taps some
 loss declared → generator step; then the student on the same, detached batch: a training step
 after warm-up, an observation-only forward (no autograd graph) while activation ranges are being
-calibrated, nothing otherwise. The teacher's logits and taps from the generator step are reused
-by the student step, the teacher has no weight gradients, and no value is moved to the host.
+calibrated (with ``observe_unmixed``: on a separate batch synthesized with mixing off, before the
+generator step), nothing otherwise. The teacher's logits and taps from the generator step are
+reused by the student step, the teacher has no weight gradients, and no value is moved to the
+host.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from dfqkit.generators.base import synthesize
 from dfqkit.guard import StepGuard
 from dfqkit.losses.base import Loss
+from dfqkit.quant import set_quant_mode
 from dfqkit.step import Step, SynthBatch
 from dfqkit.taps import Taps, detach_taps, no_grad_params
 
@@ -50,6 +53,10 @@ class Engine:
             with a ``loss_scale`` for the student loss; ``None``: none.
         constant_images: a callable of the same form applied before ``perturbation``
             (:class:`~dfqkit.phases.ConstantImages`); ``None``: none.
+        observe_twice: observe each calibration batch in the generator step's student forward
+            too (AdaSG/AdaDFQ's released code).
+        observe_unmixed: observe ranges only on a separate batch synthesized with mixing off
+            (``train.calibration = 'generator_unmixed'``), never on the training batches.
     """
 
     def __init__(
@@ -68,6 +75,7 @@ class Engine:
         perturbation: Callable | None = None,
         constant_images: Callable | None = None,
         observe_twice: bool = False,
+        observe_unmixed: bool = False,
     ) -> None:
         self.acc = accelerator
         # a loss of weight 0 is switched off: not computed, and its taps are not installed
@@ -122,6 +130,7 @@ class Engine:
             if opt is not None
         }
         self.observe_twice = bool(observe_twice)
+        self.observe_unmixed = bool(observe_unmixed)
 
     @property
     def generator_trains(self) -> bool:
@@ -185,10 +194,18 @@ class Engine:
                 torch.cuda.synchronize(self.acc.device)
             marks.append(time.perf_counter())
 
-    def _student_for_generator(self, images: torch.Tensor) -> torch.Tensor:
+    def _student_for_generator(self, images: torch.Tensor, phase: Phase) -> torch.Tensor:
         """Student logits for a generator-side loss: differentiable in the images, no weight
-        gradients (the unwrapped module, so DDP sees no extra forward)."""
+        gradients (the unwrapped module, so DDP sees no extra forward). With
+        ``observe_unmixed`` this forward does not observe the (mixed) batch."""
         student = self.acc.unwrap_model(self.student)
+        if phase.observe and self.observe_unmixed:
+            set_quant_mode(student, "frozen")
+            try:
+                with no_grad_params(self.student_params):
+                    return student(images)
+            finally:
+                set_quant_mode(student, "observe")
         with no_grad_params(self.student_params):
             return student(images)
 
@@ -198,6 +215,13 @@ class Engine:
         acc = self.acc
         train_gen = phase.generator and self.generator_trains
         self._mark(marks)
+        if phase.observe and self.observe_unmixed:
+            with torch.no_grad(), acc.autocast():
+                unmixed = synthesize(
+                    self.generator, self.mixer, self.batch_size, acc.device, mix=False
+                )
+                self.student(unmixed.images)
+            del unmixed
         if train_gen:
             self.guards["generator"].begin()
         with acc.autocast():
@@ -210,7 +234,7 @@ class Engine:
                 teacher_taps = self.teacher_taps.collect()
                 student_logits = None
                 if train_gen and self.student_in_gen_step:
-                    student_logits = self._student_for_generator(batch.images)
+                    student_logits = self._student_for_generator(batch.images, phase)
                 if train_gen:
                     step = Step(
                         batch,
@@ -269,7 +293,11 @@ class Engine:
             self.student_opt.zero_grad(set_to_none=True)
             acc.backward(student_loss)
             self.guards["student"].step(student_loss)
-        elif phase.observe and (self.observe_twice or not (train_gen and self.student_in_gen_step)):
+        elif (
+            phase.observe
+            and not self.observe_unmixed
+            and (self.observe_twice or not (train_gen and self.student_in_gen_step))
+        ):
             # (a generator step that ran the student has observed this batch already)
             with torch.no_grad(), acc.autocast():
                 self.student(batch.images)

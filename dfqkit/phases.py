@@ -2,8 +2,9 @@
 
 * :class:`Calibration` — where the student's activation ranges come from
   (``train.calibration``): observed on the synthesized batches of the first epochs (GDFQ), on
-  Gaussian noise before training (the naive reference's ranges), or on the synthesized batches of
-  the last epochs (PTQ on finished images, PSAQ-ViT).
+  unmixed synthesized batches of the first epochs, on Gaussian noise before training (the naive
+  reference's ranges), or on the synthesized batches of the last epochs (PTQ on finished images,
+  PSAQ-ViT).
 * :class:`OneStepPerturbation` — HAST's perturbed copy of every student batch
   (``train.perturbation_eps``), applied by the :class:`~dfqkit.engine.Engine`.
 * :class:`ConstantImages` — constant images added to every student batch
@@ -26,7 +27,7 @@ from dfqkit.quant import act_quantizers, set_quant_mode
 from dfqkit.step import Step, SynthBatch
 from dfqkit.taps import cat_taps, no_grad_params
 
-CALIBRATIONS = ("generator", "noise", "final")
+CALIBRATIONS = ("generator", "generator_unmixed", "noise", "final")
 
 
 def noise_batch(data, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -39,10 +40,12 @@ class Calibration:
 
     Args:
         source: ``"generator"`` (observed on the synthesized batches of the first ``epochs``
-            epochs), ``"noise"`` (the naive reference's ranges, observed on Gaussian noise
-            before training; the student never observes) or ``"final"`` (observed on the
-            synthesized batches of the last ``epochs`` epochs; the student is evaluated only
-            once its ranges exist).
+            epochs), ``"generator_unmixed"`` (the same, on a batch synthesized with mixing off
+            beside each training batch: one more generator forward per calibration iteration;
+            docs/methods/diversity.md), ``"noise"`` (the naive reference's ranges, observed on
+            Gaussian noise before training; the student never observes) or ``"final"``
+            (observed on the synthesized batches of the last ``epochs`` epochs; the student is
+            evaluated only once its ranges exist).
         epochs: ``train.calib_epochs``.
         total_epochs: ``train.epochs``.
     """
@@ -54,7 +57,7 @@ class Calibration:
 
     def observes(self, epoch: int) -> bool:
         """Whether the student's activation quantizers observe in (0-based) ``epoch``."""
-        if self.source == "generator":
+        if self.source in ("generator", "generator_unmixed"):
             return epoch < self.epochs
         return self.source == "final" and epoch >= self.total_epochs - self.epochs
 

@@ -150,6 +150,25 @@ CASES = {
         ["train.calib_epochs = 0"],
         ["train.calib_epochs = 0", "never observe", "train.calibration = 'noise'"],
     ),
+    "unmixed calibration without a mixer": (
+        R,
+        ["train.calibration = 'generator_unmixed'"],
+        ["train.calibration = 'generator_unmixed'", "mixes nothing", "use 'generator'"],
+    ),
+    "unmixed calibration that would also observe the mixed batches": (
+        R,
+        [
+            "train.mixer = @mixers.Mixup()",
+            "train.calibration = 'generator_unmixed'",
+            "train.observe_in_both_steps = True",
+        ],
+        ["train.observe_in_both_steps = True", "'generator_unmixed'", "set one of them"],
+    ),
+    "misspelled calibration source": (
+        R,
+        ["train.calibration = 'generator_unmix'"],
+        ["train.calibration must be one of", "'generator_unmixed'", "'generator_unmix'"],
+    ),
     "gin import of a missing module": (
         lambda w: str(w / "imports_nothing.gin"),
         [],

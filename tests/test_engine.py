@@ -24,7 +24,7 @@ def _teacher():
     ).eval()
 
 
-def _engine(losses=None, **kwargs):
+def _engine(losses=None, mixer=None, **kwargs):
     teacher = _teacher().requires_grad_(False)
     student = (
         quantize_(_teacher(), QuantConfig(w_bits=4, a_bits=4), torch.zeros(2, 1, 8, 8))
@@ -39,7 +39,7 @@ def _engine(losses=None, **kwargs):
         teacher=teacher,
         student=student,
         generator=gen,
-        mixer=NoMixer(),
+        mixer=NoMixer() if mixer is None else mixer,
         losses=losses,
         generator_optimizer=torch.optim.Adam(gen.parameters(), lr=1e-2),
         student_optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
@@ -251,6 +251,35 @@ def test_adasg_as_released_observes_each_calibration_batch_twice():
     set_quant_mode(student, "observe")
     engine.iteration(Phase(generator=True, observe=True, student=False), epoch=0)
     assert all(int(q.num_updates) == 2 for q in act_quantizers(student))
+
+
+@pytest.mark.parametrize("student_in_gen_step", [False, True])
+def test_unmixed_calibration_observes_only_a_separate_unmixed_batch(student_in_gen_step):
+    """``observe_unmixed``: before the generator step the student observes a batch of the
+    generator (as it was) with mixing off, and never the mixed training batch, also when a
+    generator-side loss runs the student."""
+    import copy
+
+    from dfqkit.generators import synthesize
+    from dfqkit.losses import AdaptiveMarginLoss, DifferenceEntropyLoss
+    from dfqkit.mixers import Mixup
+
+    losses = [AdaptiveMarginLoss(), DifferenceEntropyLoss()] if student_in_gen_step else None
+    engine, _, student, gen = _engine(losses, mixer=Mixup(prob=1.0), observe_unmixed=True)
+    assert engine.student_in_gen_step == student_in_gen_step
+    gen0, reference = copy.deepcopy(gen), copy.deepcopy(student)
+    set_quant_mode(student, "observe")
+    set_quant_mode(reference, "observe")
+    torch.manual_seed(3)
+    engine.iteration(Phase(generator=True, observe=True, student=False), epoch=0)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        reference(synthesize(gen0, NoMixer(), 6, torch.device("cpu")).images)
+    for q, r in zip(act_quantizers(student), act_quantizers(reference), strict=True):
+        assert int(q.num_updates) == 1 and q.mode == "observe"
+        torch.testing.assert_close((q.lo, q.hi), (r.lo, r.hi))
+    # the training batch the generator stepped on was mixed, and it is not what was observed
+    assert engine.last_batch.mix and "perm" in engine.last_batch.mix
 
 
 def test_a_student_side_loss_may_read_the_stages_tap():

@@ -57,22 +57,31 @@ class Generator(nn.Module, abc.ABC):
 
 
 def synthesize(
-    generator: nn.Module, mixer: nn.Module, batch_size: int, device: torch.device
+    generator: nn.Module,
+    mixer: nn.Module,
+    batch_size: int,
+    device: torch.device,
+    *,
+    mix: bool = True,
 ) -> SynthBatch:
     """One synthesized (and mixed) batch: sample → [cond mixer | embed] → decode → [image mixer].
 
     ``generator`` may be wrapped (DDP); its methods are reached through ``.module`` then.
+    ``mix=False``: the batch the mixer passes on when it mixes no sample (an image mixer is
+    skipped, a cond mixer gives its :meth:`~dfqkit.mixers.base.Mixer.unmixed` conditioning),
+    what ``train.calibration = 'generator_unmixed'`` observes ranges on.
     """
     gen = getattr(generator, "module", generator)
-    stage = getattr(mixer, "module", mixer).stage
+    module = getattr(mixer, "module", mixer)
+    stage = module.stage
     batch = gen.sample(batch_size, device)
     if not gen.trainable:
-        return mixer(batch, gen) if stage == "image" else batch
+        return mixer(batch, gen) if stage == "image" and mix else batch
     if stage == "cond":
-        batch = mixer(batch, gen)
+        batch = mixer(batch, gen) if mix else module.unmixed(batch, gen)
     else:
         batch = batch.replace(cond=gen.embed(batch.labels, batch.z))
     batch = batch.replace(images=generator(batch))
-    if stage == "image":
+    if stage == "image" and mix:
         batch = mixer(batch, gen)
     return batch

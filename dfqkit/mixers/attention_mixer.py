@@ -246,6 +246,15 @@ class MultiLayerAttentionMixer(Mixer):
             mix={"classes": classes, "sigma": sigma, "mixed": mask[:, 1:].any(1)},
         )
 
+    def unmixed(self, batch: SynthBatch, generator: nn.Module) -> SynthBatch:
+        """Every sample conditioned on its own class alone (σ = 1 on it): the same path as a
+        sample the mixer leaves unmixed."""
+        prob, self.mix_prob = self.mix_prob, 0.0
+        try:
+            return self(batch, generator)
+        finally:
+            self.mix_prob = prob
+
     # ---- the level classifiers' own loss
     def aux_loss(self, step: Step) -> torch.Tensor | None:
         if self.embeddings is None or step.epoch >= self.embed_epochs:

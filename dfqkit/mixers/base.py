@@ -40,3 +40,13 @@ class Mixer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, batch: SynthBatch, generator: nn.Module) -> SynthBatch:
         """Return the mixed batch."""
+
+    def unmixed(self, batch: SynthBatch, generator: nn.Module) -> SynthBatch:
+        """The batch this mixer passes on when it mixes no sample: what ranges are observed on
+        with ``train.calibration = 'generator_unmixed'``. An image mixer is simply skipped
+        (:func:`~dfqkit.generators.base.synthesize` with ``mix=False``), so only a
+        ``stage = "cond"`` mixer is asked, and it must set ``batch.cond``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} (stage {self.stage!r}) has no unmixed form, so "
+            "train.calibration = 'generator_unmixed' cannot be used with it"
+        )

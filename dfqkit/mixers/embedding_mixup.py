@@ -85,15 +85,20 @@ class EmbeddingMixup(Mixer):
             return self._batch(batch, generator)
         return self._per_sample(batch, generator)
 
+    def unmixed(self, batch: SynthBatch, generator: nn.Module) -> SynthBatch:
+        """The generator's own conditioning of each sample's label, one-hot targets."""
+        labels = batch.labels
+        targets = nn.functional.one_hot(labels, self.num_classes).float()
+        mixed = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+        return batch.replace(
+            cond=generator.embed(labels, batch.z), targets=targets, mix={"mixed": mixed}
+        )
+
     def _batch(self, batch: SynthBatch, generator: nn.Module) -> SynthBatch:
         labels, z = batch.labels, batch.z
         b, device = labels.shape[0], labels.device
         if not bool(torch.rand(()) < self.prob):  # CPU draw: no device sync
-            targets = nn.functional.one_hot(labels, self.num_classes).float()
-            mixed = torch.zeros(b, dtype=torch.bool, device=device)
-            return batch.replace(
-                cond=generator.embed(labels, z), targets=targets, mix={"mixed": mixed}
-            )
+            return self.unmixed(batch, generator)
         k = self._k  # drawn with replacement: K may exceed the number of classes
         classes = torch.randint(0, self.num_classes, (b, k), device=device)
         lam = torch.randn(b, k, device=device).softmax(-1)

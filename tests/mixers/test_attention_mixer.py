@@ -42,6 +42,18 @@ def test_unmixed_samples_get_their_own_one_hot_label(teacher):
     assert torch.equal(batch.labels, sample.labels)
 
 
+def test_unmixed_form_mixes_no_sample_and_keeps_mix_prob(teacher):
+    torch.manual_seed(0)
+    gen, mixer = _parts(teacher, mix_prob=1.0, classes_per_sample=4)
+    sample = gen.sample(6, CPU)
+    batch = mixer.unmixed(sample, gen)
+    torch.testing.assert_close(batch.targets, F.one_hot(sample.labels, 10).float())
+    assert not batch.mix["mixed"].any() and mixer.mix_prob == 1.0
+    assert mixer(sample, gen).mix["mixed"].all()  # the training path still mixes
+    torch.manual_seed(1)
+    assert not synthesize(gen, mixer, 6, CPU, mix=False).mix["mixed"].any()
+
+
 def test_sigma_and_o0_receive_the_generator_loss_gradient(teacher):
     torch.manual_seed(0)
     gen, mixer = _parts(teacher, mix_prob=1.0, classes_per_sample=3)

@@ -81,6 +81,39 @@ def test_embedding_mixup_unmixed_is_the_plain_conditioning():
         assert not out.mix["mixed"].any()
 
 
+def test_embedding_mixup_unmixed_form_even_when_it_always_mixes():
+    """``unmixed`` (what ``train.calibration = 'generator_unmixed'`` observes) is the plain
+    conditioning whatever ``prob`` is; ``synthesize(mix=False)`` uses it."""
+    from dfqkit.generators import synthesize
+
+    gen = ConditionalGenerator(num_classes=10, image_size=8, channels=1, latent_dim=5)
+    mixer = EmbeddingMixup(num_classes=10, classes_per_sample=3, prob=1.0)
+    torch.manual_seed(0)
+    sample = gen.sample(4, torch.device("cpu"))
+    out = mixer.unmixed(sample, gen)
+    torch.testing.assert_close(out.cond, gen.embed(sample.labels, sample.z))
+    assert not out.mix["mixed"].any()
+    torch.manual_seed(1)
+    batch = synthesize(gen, mixer, 4, torch.device("cpu"), mix=False)
+    torch.testing.assert_close(batch.targets, F.one_hot(batch.labels, 10).float())
+    assert not batch.mix["mixed"].any()
+
+
+def test_image_mixer_is_skipped_when_unmixed():
+    from dfqkit.generators import synthesize
+
+    gen = ConditionalGenerator(num_classes=10, image_size=8, channels=1, latent_dim=5)
+    torch.manual_seed(0)
+    mixed = synthesize(gen, Mixup(prob=1.0), 4, torch.device("cpu"))
+    torch.manual_seed(0)
+    plain = synthesize(gen, Mixup(prob=1.0), 4, torch.device("cpu"), mix=False)
+    torch.manual_seed(0)
+    sample = gen.sample(4, torch.device("cpu"))
+    images = gen(sample.replace(cond=gen.embed(sample.labels, sample.z)))
+    torch.testing.assert_close(plain.images, images)
+    assert plain.mix == {} and not torch.allclose(mixed.images, images)
+
+
 def test_embedding_mixup_official_mixes_the_whole_batch_with_classes_drawn_with_replacement():
     """Qimera's released trainer: one CPU draw decides whether the batch is a superposition;
     its K classes are uniform with replacement (a repeated class adds up in the target)."""
