@@ -321,7 +321,6 @@ def _check_unmixed(calibration: str, mixer: nn.Module, observe_in_both_steps: bo
     if calibration != "generator_unmixed":
         return
     module = getattr(mixer, "module", mixer)
-    name = type(module).__name__
     if isinstance(module, NoMixer):
         raise ConfigError(
             "train.calibration = 'generator_unmixed' observes ranges on batches synthesized "
@@ -331,7 +330,8 @@ def _check_unmixed(calibration: str, mixer: nn.Module, observe_in_both_steps: bo
     if module.stage == "cond" and type(module).unmixed is Mixer.unmixed:
         raise ConfigError(
             f"train.calibration = 'generator_unmixed' needs the mixer's unmixed form, and "
-            f"{name} (a conditioning mixer) defines no unmixed(): use 'generator'"
+            f"{type(module).__name__} (a conditioning mixer) defines no unmixed(): use "
+            "'generator'"
         )
     if observe_in_both_steps:
         raise ConfigError(

@@ -199,15 +199,15 @@ class Engine:
         gradients (the unwrapped module, so DDP sees no extra forward). With
         ``observe_unmixed`` this forward does not observe the (mixed) batch."""
         student = self.acc.unwrap_model(self.student)
-        if phase.observe and self.observe_unmixed:
+        hold = phase.observe and self.observe_unmixed
+        if hold:
             set_quant_mode(student, "frozen")
-            try:
-                with no_grad_params(self.student_params):
-                    return student(images)
-            finally:
+        try:
+            with no_grad_params(self.student_params):
+                return student(images)
+        finally:
+            if hold:
                 set_quant_mode(student, "observe")
-        with no_grad_params(self.student_params):
-            return student(images)
 
     def iteration(self, phase: Phase, epoch: int, marks: list[float] | None = None) -> None:
         """One iteration; with ``marks`` (a list, benchmarking only) appends three timestamps:
