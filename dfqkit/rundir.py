@@ -8,6 +8,14 @@ its includes inlined, the command-line bindings, ``train.recipe``; :func:`dfqkit
 On ``--resume`` the run continues from its own ``config.gin``. A recipe or bindings given with
 it may change only the settings in :data:`RESUMABLE`; anything else is refused, naming each
 difference. Accepted changes are appended to ``config.gin`` (so it stays the truth).
+
+One process at a time: the main process of a training run holds an exclusive lock on
+``run.lock`` in the directory from the moment it opens it until the run ends (an OS file lock,
+released by the kernel when the process dies, even by ``kill -9``, so a killed run never leaves a
+stale lock). A second ``dfqkit.train`` (or ``--resume``, or ``dfqkit.quantize``) on a directory
+whose run is still alive is refused before it writes anything, naming the process that holds it:
+two processes writing one directory would interleave their checkpoints and ``metrics.json``.
+Reading a run (``export --run``, ``diagnose``, :func:`load_run`) takes no lock.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG = "config.gin"
 METRICS = "metrics.json"
+LOCK = "run.lock"
 #: Settings that may change on ``--resume`` (anything else is a different run):
 RESUMABLE = {
     "EPOCHS": "extend or shorten the run",
@@ -75,19 +86,83 @@ def _bind_run_dir(out: Path) -> None:
     gin.parse_config(f"RUN_DIR = {str(out.resolve())!r}")
 
 
+def _main_rank() -> bool:
+    """Whether this is the main process of its launch (before Accelerate exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+try:  # POSIX
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
+
+except ImportError:  # Windows
+    import msvcrt
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
+
+#: run directories whose lock this process holds: resolved path -> open file descriptor
+_HELD: dict[Path, int] = {}
+
+
+def lock_run_dir(out: Path) -> None:
+    """Take the run directory's lock for this process (main rank only; a no-op if this process
+    holds it already). Refuses with :class:`ConfigError` naming the holder when another live
+    process holds it."""
+    key = out.resolve()
+    if key in _HELD or not _main_rank():
+        return
+    fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    if not _try_lock(fd):
+        try:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise ConfigError(
+            f"output_dir {str(out)!r} is in use by another dfqkit run ({holder}): wait for it to "
+            f"end or stop it (Ctrl-C keeps its last checkpoint), then --resume; two processes "
+            f"writing one run directory would interleave their checkpoints"
+        )
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n".encode(), 0)
+    _HELD[key] = fd
+
+
+def unlock_run_dir(out: str | Path) -> None:
+    """Release the run directory's lock if this process holds it (the run ended or failed)."""
+    fd = _HELD.pop(Path(out).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the lock; the file stays (harmless)
+
+
 def prepare_output_dir(output_dir: str | Path | None, *, resume: bool) -> Path:
-    """Create (or, with ``resume``, reuse) the run directory; refuse to overwrite a run."""
+    """Create (or, with ``resume``, reuse) the run directory and take its lock; refuse to
+    overwrite a run, or to open one that another live process is running."""
     if output_dir is None:
         raise ConfigError("output_dir is required")
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {str(out)!r} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(out)
     if not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        unlock_run_dir(out)
         raise ConfigError(
             f"output_dir {str(out)!r} already holds a run: pass --resume to continue it, "
             "or choose another --output_dir"
         )
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -141,12 +216,16 @@ def open_run(
         output_dir = Path("runs") / cfg.run_name(files[0]) / f"seed{_seed()}"
     _seed()
     out = prepare_output_dir(output_dir, resume=resume)
-    params = [*trusted, *gin_params, f"train.recipe = {name!r}"]
-    with gin.unlock_config():
-        gin.bind_parameter("dfqkit.train.recipe", name)
-    (out / CONFIG).write_text(cfg.flatten(files, params))
-    _bind_run_dir(out)
-    gin.finalize()
+    try:
+        params = [*trusted, *gin_params, f"train.recipe = {name!r}"]
+        with gin.unlock_config():
+            gin.bind_parameter("dfqkit.train.recipe", name)
+        (out / CONFIG).write_text(cfg.flatten(files, params))
+        _bind_run_dir(out)
+        gin.finalize()
+    except BaseException:
+        unlock_run_dir(out)
+        raise
     note = None
     if resume:
         note = f"--resume: {str(out)!r} held no run ({CONFIG} missing): starting a new run there"
@@ -164,6 +243,17 @@ def check_read(opened: OpenedRun) -> None:
 
 
 def _reopen(out: Path, gin_files: Sequence[str | Path], gin_params: Sequence[str]) -> OpenedRun:
+    lock_run_dir(out)  # before anything is read or appended
+    try:
+        return _reopen_locked(out, gin_files, gin_params)
+    except BaseException:
+        unlock_run_dir(out)
+        raise
+
+
+def _reopen_locked(
+    out: Path, gin_files: Sequence[str | Path], gin_params: Sequence[str]
+) -> OpenedRun:
     config = out / CONFIG
     cfg.parse([config], finalize=False)
     stored = cfg.binding_names(cfg.snapshot())

@@ -82,6 +82,8 @@ def run(
     except KeyboardInterrupt as err:
         last = ckpt.latest_checkpoint(built.output_dir)
         raise RunInterrupted(built.output_dir, last) from err
+    finally:
+        rundir.unlock_run_dir(built.output_dir)
 
 
 def start_run(
@@ -106,9 +108,10 @@ def start_run(
         built = rundir.build(opened)
         rundir.check_read(opened)
         return built, prepare(built, resume=opened.resume)
-    except (ConfigError, NonFiniteLossError):
-        raise
-    except Exception as err:
+    except BaseException as err:
+        rundir.unlock_run_dir(opened.output_dir)
+        if isinstance(err, ConfigError | NonFiniteLossError) or not isinstance(err, Exception):
+            raise
         raise SetupError(cfg.one_line(err)) from err
 
 

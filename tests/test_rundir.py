@@ -2,9 +2,11 @@
 and handed out, and a dfqkit.quantize run rebuilt like any other."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import gin
 import pytest
@@ -93,6 +95,7 @@ def test_resume_of_a_directory_without_a_run_is_refused_or_said(tmp_path):
 def test_resume_without_a_checkpoint_says_so_first(teacher_env, tmp_path):
     out = tmp_path / "r"
     rundir.open_run([RECIPE], TINY, output_dir=out)  # configured, killed before epoch 1 ended
+    rundir.unlock_run_dir(out)  # what its death would do
     gin.clear_config()
     cmd = [sys.executable, "-m", "dfqkit.train", "--resume", "--output_dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
@@ -162,3 +165,97 @@ def test_a_quantize_run_is_exported_and_resumed_like_any_run(teacher_env, tmp_pa
     gin.clear_config()
     resumed = run([], ["EPOCHS = 4"], output_dir=moved, resume=True)
     assert resumed["resumed_from_epoch"] == 3 and resumed["epochs_done"] == 4
+
+
+# One process at a time per run directory (rundir.lock_run_dir).
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from dfqkit import rundir
+rundir.lock_run_dir(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def _cli(args, cwd, env=None):
+    cmd = [sys.executable, "-m", "dfqkit.train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
+
+
+def test_a_run_directory_in_use_is_refused_by_a_second_process_before_it_writes(tmp_path):
+    """While this process holds the directory (a run alive), a second ``dfqkit.train`` on it, new
+    or ``--resume``, is refused in one line naming the holder, and changes nothing there."""
+    out = tmp_path / "run"
+    out.mkdir()
+    rundir.lock_run_dir(out)
+    try:
+        (out / "config.gin").write_text("EPOCHS = 3\n")
+        for args in (
+            ["--gin", RECIPE, "--output_dir", str(out)],
+            ["--resume", "--output_dir", str(out)],
+        ):
+            proc = _cli(args, cwd=tmp_path)
+            assert proc.returncode == 2, proc.stderr[-2000:]
+            assert "is in use by another dfqkit run" in proc.stderr
+            assert f"pid {os.getpid()} on " in proc.stderr  # the holder, from run.lock
+            assert (out / "config.gin").read_text() == "EPOCHS = 3\n"
+            assert not (out / "checkpoints").exists()
+        rundir.lock_run_dir(out)  # re-entrant within the holding process
+    finally:
+        rundir.unlock_run_dir(out)
+    assert Path(out.resolve()) not in rundir._HELD
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    """The lock is the kernel's: a holder killed with SIGKILL (no cleanup at all) frees it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=rf"in use by another dfqkit run \(pid {holder.pid} "):
+            rundir.lock_run_dir(out)
+        assert Path(out.resolve()) not in rundir._HELD
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / rundir.LOCK).exists()  # the file stays; its lock does not
+    rundir.lock_run_dir(out)
+    try:
+        assert f"pid {os.getpid()} " in (out / rundir.LOCK).read_text()
+    finally:
+        rundir.unlock_run_dir(out)
+
+
+def test_only_the_main_rank_locks(tmp_path, monkeypatch):
+    """Under a multi-process launch the other ranks open the same directory: only rank 0 locks."""
+    out = tmp_path / "run"
+    out.mkdir()
+    monkeypatch.setenv("RANK", "1")
+    rundir.lock_run_dir(out)
+    assert Path(out.resolve()) not in rundir._HELD and not (out / rundir.LOCK).exists()
+
+
+def test_a_refused_open_releases_the_lock(tmp_path):
+    """A resume refused for its configuration, and a new run refused over an existing one, leave
+    the directory free for the next try (here: another process)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.gin").write_text(cfg.flatten([RECIPE], REQUIRED))
+    gin.clear_config()
+    with pytest.raises(ConfigError, match=r"W_BITS: 4 -> 3"):
+        rundir.open_run([], ["W_BITS = 3"], output_dir=out, resume=True)
+    assert Path(out.resolve()) not in rundir._HELD
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "epoch-0001").mkdir()
+    gin.clear_config()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        rundir.open_run([RECIPE], [], output_dir=out, trusted=REQUIRED)
+    assert Path(out.resolve()) not in rundir._HELD
+    probe = HOLD.replace("time.sleep(600)", "")
+    proc = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
