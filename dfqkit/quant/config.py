@@ -36,9 +36,10 @@ class QuantConfig:
         first_layer_bits: Bits of the first conv/linear in execution order (its weight and,
             under ``layer_inputs``, its input quantizer); None = ``w_bits``/``a_bits``.
         last_layer_bits: The same for the last conv/linear in execution order.
-        second_input_bits: ``layer_inputs`` only: bits of the second conv/linear's input
-            quantizer in execution order (BRECQ and Genie keep it at 8: it reads the
-            stem's output); None = as the others.
+        second_input_bits: Bits of the second conv/linear's input in execution order (BRECQ
+            and Genie keep it at 8: it reads the stem's output): under ``layer_inputs`` its
+            input quantizer, under ``after_relu`` the quantizers of the ReLU calls between the
+            first and the second layer; None = as the others.
         quantize_input: ``layer_inputs`` only: quantize the network input (the first layer's
             input). GDFQ never quantizes it.
         relu_types: Module types that count as a ReLU for ``after_relu``.

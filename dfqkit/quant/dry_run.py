@@ -48,12 +48,15 @@ class DryRun:
         functional_relus: ReLU function calls made outside ReLU modules (``F.relu``, ...).
         relu_owners: Qualified names of the modules whose forward (directly or through a
             submodule) made such a function call ("" = the root).
+        stem_relus: ReLU modules first called after the first conv/linear and before the
+            second (in a CNN: the stem's activation, whose output the second layer reads).
     """
 
     layer_order: list[str] = field(default_factory=list)
     relu_calls: Counter[str] = field(default_factory=Counter)
     functional_relus: int = 0
     relu_owners: set[str] = field(default_factory=set)
+    stem_relus: set[str] = field(default_factory=set)
 
     @property
     def relu_sites(self) -> int:
@@ -75,6 +78,8 @@ class _Recorder(TorchFunctionMode):
     def enter(self, module: nn.Module, name: str) -> None:
         self.stack.append(name)
         if isinstance(module, self.relu_types):
+            if name not in self.run.relu_calls and len(self.run.layer_order) == 1:
+                self.run.stem_relus.add(name)
             self.run.relu_calls[name] += 1
             self.relu_depth += 1
         if isinstance(module, (nn.Conv2d, nn.Linear)) and name not in self.seen:

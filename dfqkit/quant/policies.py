@@ -67,6 +67,10 @@ def layer_inputs(model: nn.Module, config: QuantConfig, run: DryRun) -> nn.Modul
 def after_relu(model: nn.Module, config: QuantConfig, run: DryRun) -> nn.Module:
     """A quantizer after every ReLU/ReLU6 call (``config.relu_types``), as in GDFQ.
 
+    ``config.second_input_bits`` (when set) is the bit width of the quantizers at the ReLU
+    calls made after the first conv/linear and before the second, in execution order: in a CNN
+    the stem's output, which the second layer reads (what ``layer_inputs`` quantizes with it).
+
     When every ReLU module runs once and no functional ReLU runs, each ReLU module becomes
     ``nn.Sequential(relu, quantizer)`` (GDFQ's own rewrite; the model keeps its class).
     Otherwise (a ReLU module reused at several call sites, or ``F.relu``/``torch.relu``/
@@ -92,7 +96,10 @@ def _wrap_relu_modules(model: nn.Module, config: QuantConfig, run: DryRun) -> nn
         if not name or not isinstance(module, config.relu_types) or id(module) not in called:
             continue
         if id(module) not in wrapped:
-            quantizer = config.act_quantizer(bits=config.a_bits)
+            bits = config.a_bits
+            if name in run.stem_relus and config.second_input_bits is not None:
+                bits = max(bits, config.second_input_bits)
+            quantizer = config.act_quantizer(bits=bits)
             wrapped[id(module)] = nn.Sequential(module, quantizer)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, wrapped[id(module)])
@@ -121,16 +128,26 @@ def _insert_after_relu_calls(model: nn.Module, config: QuantConfig, run: DryRun)
             "policy='layer_inputs'."
         ) from error
 
+    layers_seen = [0]  # quantized conv/linear calls before the node: insert_after walks in order
+
     def is_relu_site(node: fx.Node) -> bool:
         if node.op == "call_module":
-            return isinstance(gm.get_submodule(str(node.target)), config.relu_types)
+            module = gm.get_submodule(str(node.target))  # a layer, or an opaque leaf holding some
+            layers_seen[0] += sum(
+                isinstance(m, (QuantConv2d, QuantLinear)) for m in module.modules()
+            )
+            return isinstance(module, config.relu_types)
         if node.op in ("call_function", "call_method"):
             return is_relu_call(node.target, node.args, node.kwargs)
         return False
 
-    names = insert_after(
-        gm, is_relu_site, lambda: config.act_quantizer(bits=config.a_bits), suffix="_quant"
-    )
+    def make() -> nn.Module:  # called right after is_relu_site picked the node
+        bits = config.a_bits
+        if layers_seen[0] == 1 and config.second_input_bits is not None:
+            bits = max(bits, config.second_input_bits)
+        return config.act_quantizer(bits=bits)
+
+    names = insert_after(gm, is_relu_site, make, suffix="_quant")
     if len(names) != run.relu_sites:
         warnings.warn(
             f"after_relu: the dry run of {type(model).__name__} saw {run.relu_sites} ReLU calls "

@@ -102,6 +102,30 @@ def test_first_and_last_layer_bits():
     assert set(bits.values()) == {4}
 
 
+def _bits_by_name(model: nn.Module) -> dict[str, int]:
+    return {n: m.bits for n, m in model.named_modules() if isinstance(m, MinMaxActQuantizer)}
+
+
+@pytest.mark.parametrize("path", ["modules", "fx_reused_relu", "fx_functional"])
+def test_after_relu_second_input_bits_is_the_stems_activation_only(path):
+    """Under ``after_relu``, ``second_input_bits`` widens exactly the quantizers of the ReLU
+    calls between the first and the second layer (the stem's output): on the module path, on
+    the fx path of a reused ReLU module, and for a functional ReLU."""
+    if path == "modules":
+        model, x, stem = torchvision.models.mobilenet_v2(num_classes=10).eval(), X, "features.0.2.1"
+    elif path == "fx_reused_relu":
+        model, x, stem = _resnet18(), X, "relu_quant"
+    else:
+        model, x, stem = FunctionalNet().eval(), torch.randn(2, 3, 8, 8), "relu_quant"
+    base = dict(w_bits=4, a_bits=4, act_quantizer=MinMaxActQuantizer)
+    plain = _bits_by_name(quantize_(copy.deepcopy(model), QuantConfig(**base), x))
+    assert set(plain.values()) == {4}
+    bits = _bits_by_name(quantize_(model, QuantConfig(**base, second_input_bits=8), x))
+    assert set(bits) == set(plain)  # the same placement
+    assert bits.pop(stem) == 8, bits
+    assert set(bits.values()) == {4}
+
+
 @pytest.mark.parametrize("quantize_input", [False, True])
 def test_layer_inputs_policy(quantize_input):
     config = QuantConfig(
