@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,7 +37,7 @@ def _swap_layers(
             if quant_cls is None:
                 unknown.append(f"{name} ({type(module).__name__})")
                 continue
-            bits = config.weight_bits(first=name == first, last=name == last)
+            bits = config.weight_bits(first=name == first, last=name == last, name=name)
             swapped[id(module)] = quant_cls.from_float(
                 module, weight_quant=config.weight_quantizer(bits=bits), input_quant=None
             )
@@ -44,6 +45,23 @@ def _swap_layers(
             return swapped[id(module)]  # the model is a single layer
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, swapped[id(module)])
+    if config.layer_bits:
+        quantized = {
+            n for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))
+        }
+        missing = sorted(set(config.layer_bits) - quantized)
+        if missing:
+            hints = [
+                difflib.get_close_matches(n, sorted(quantized), n=1, cutoff=0.6) for n in missing
+            ]
+            said = ", ".join(
+                repr(n) + (f" (did you mean {h[0]!r}?)" if h else "")
+                for n, h in zip(missing, hints, strict=True)
+            )
+            raise ValueError(
+                f"layer_bits names no quantized conv/linear layer of {type(model).__name__}: "
+                f"{said}; its layers are named like {sorted(quantized)[:3]}"
+            )
     if unknown:
         logger.warning(
             f"{len(unknown)} of {len(unknown) + len(swapped)} convolution/linear layers stay in "

@@ -42,6 +42,10 @@ class QuantConfig:
             first and the second layer; None = as the others.
         quantize_input: ``layer_inputs`` only: quantize the network input (the first layer's
             input). GDFQ never quantizes it.
+        layer_bits: Weight bits of named layers, ``{qualified name: bits}`` (names as in
+            ``model.named_modules()``), over every rule above: keep a layer a sensitivity
+            analysis singles out at 8 bits (docs/cpu.md). A name that is no quantized
+            conv/linear of the model is refused when the model is quantized.
         relu_types: Module types that count as a ReLU for ``after_relu``.
     """
 
@@ -54,6 +58,7 @@ class QuantConfig:
     last_layer_bits: int | None = None
     second_input_bits: int | None = None
     quantize_input: bool = False
+    layer_bits: dict[str, int] | None = None
     relu_types: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 
     def __post_init__(self) -> None:
@@ -78,6 +83,16 @@ class QuantConfig:
             )
         if not isinstance(self.quantize_input, bool):
             raise ValueError(f"quantize_input must be a bool, got {self.quantize_input!r}")
+        if self.layer_bits is not None:
+            if not isinstance(self.layer_bits, dict) or not all(
+                isinstance(k, str) for k in self.layer_bits
+            ):
+                raise ValueError(
+                    "layer_bits must be a dict {layer name: bits} such as "
+                    f"{{'blocks.0.0.conv_dw': 8}}, got {self.layer_bits!r}"
+                )
+            for name, bits in self.layer_bits.items():
+                check_bits(bits, field=f"layer_bits[{name!r}]")
         types = self.relu_types
         if not (
             isinstance(types, tuple)
@@ -88,8 +103,11 @@ class QuantConfig:
                 f"relu_types must be a non-empty tuple of nn.Module classes, got {types!r}"
             )
 
-    def weight_bits(self, *, first: bool = False, last: bool = False) -> int:
-        """Weight bits of a layer, given whether it is the first and/or last conv/linear."""
+    def weight_bits(self, *, first: bool = False, last: bool = False, name: str = "") -> int:
+        """Weight bits of layer ``name``, given whether it is the first and/or last conv/linear
+        (``layer_bits`` wins)."""
+        if self.layer_bits and name in self.layer_bits:
+            return self.layer_bits[name]
         return self._bits(first, last, self.w_bits)
 
     def input_bits(self, *, first: bool = False, last: bool = False) -> int:

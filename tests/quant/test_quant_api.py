@@ -126,6 +126,24 @@ def test_after_relu_second_input_bits_is_the_stems_activation_only(path):
     assert set(bits.values()) == {4}
 
 
+def test_layer_bits_names_layers_over_the_position_rules():
+    config = QuantConfig(
+        w_bits=4, a_bits=4, first_layer_bits=8, layer_bits={"layer1.0.conv1": 8, "conv1": 6}
+    )
+    model = quantize_(_resnet18(), config, X)
+    bits = {n: m.weight_quant.bits for n, m in model.named_modules() if hasattr(m, "weight_quant")}
+    assert bits.pop("layer1.0.conv1") == 8 and bits.pop("conv1") == 6  # the name wins
+    assert set(bits.values()) == {4}
+
+
+def test_layer_bits_with_a_misspelled_name_is_refused_with_the_close_match():
+    config = QuantConfig(w_bits=4, a_bits=4, layer_bits={"layer1.0.conv_1": 8})
+    with pytest.raises(ValueError, match=r"'layer1.0.conv_1' \(did you mean 'layer1.0.conv1'\?\)"):
+        quantize_(_resnet18(), config, X)
+    with pytest.raises(ValueError, match=r"layer_bits\['fc'\] must be in 2..16, got 1"):
+        QuantConfig(w_bits=4, a_bits=4, layer_bits={"fc": 1})
+
+
 @pytest.mark.parametrize("quantize_input", [False, True])
 def test_layer_inputs_policy(quantize_input):
     config = QuantConfig(
