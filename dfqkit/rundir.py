@@ -116,6 +116,18 @@ except ImportError:  # Windows
 _HELD: dict[Path, int] = {}
 
 
+def _forget_in_child() -> None:
+    # A forked child (a DataLoader worker) shares the parent's lock; closing its copy keeps it
+    # from holding the directory after the parent dies (the parent's copy still holds it).
+    for fd in _HELD.values():
+        os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def lock_run_dir(out: Path) -> None:
     """Take the run directory's lock for this process (main rank only; a no-op if this process
     holds it already). Refuses with :class:`ConfigError` naming the holder when another live

@@ -259,3 +259,31 @@ def test_a_refused_open_releases_the_lock(tmp_path):
     probe = HOLD.replace("time.sleep(600)", "")
     proc = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_does_not_keep_the_lock_after_its_parent_dies(tmp_path):
+    """DataLoader workers are forked: once the run's process is gone, a surviving child must
+    not hold the directory (they outlive a killed parent by seconds)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    script = HOLD.replace(
+        'print("held", flush=True)',
+        "import os\npid = os.fork()\nif pid == 0:\n    time.sleep(600)\n"
+        'print("held", pid, flush=True)',
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True
+    )
+    word, child = holder.stdout.readline().split()
+    try:
+        assert word == "held"
+        with pytest.raises(ConfigError, match="in use"):
+            rundir.lock_run_dir(out)
+        holder.kill()
+        holder.wait()
+        os.kill(int(child), 0)  # the child is still alive...
+        rundir.lock_run_dir(out)  # ...and the directory is free
+    finally:
+        rundir.unlock_run_dir(out)
+        os.kill(int(child), 9)
