@@ -138,7 +138,9 @@ def lock_run_dir(out: Path) -> None:
     fd = os.open(key / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     if not _try_lock(fd):
         try:
-            holder = os.read(fd, 512).decode(errors="replace").strip() or "unknown"
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "holder unknown"
+        except OSError:  # Windows' locks are mandatory: the holder's bytes cannot be read
+            holder = "holder unknown"
         finally:
             os.close(fd)
         raise ConfigError(
@@ -148,7 +150,8 @@ def lock_run_dir(out: Path) -> None:
         )
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n".encode(), 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {stamp}\n".encode())
     _HELD[key] = fd
 
 
