@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfqkit.bindings import suggest
 from dfqkit.errors import ConfigError
 from dfqkit.quant import act_quantizers, set_quant_mode
 from dfqkit.step import Step, SynthBatch
@@ -52,7 +53,10 @@ class Calibration:
 
     def __init__(self, source: str, *, epochs: int, total_epochs: int) -> None:
         if source not in CALIBRATIONS:
-            raise ConfigError(f"train.calibration must be one of {CALIBRATIONS}, got {source!r}")
+            raise ConfigError(
+                f"train.calibration must be one of {CALIBRATIONS}, got {source!r}."
+                + suggest(str(source), CALIBRATIONS)
+            )
         self.source, self.epochs, self.total_epochs = source, epochs, total_epochs
 
     def observes(self, epoch: int) -> bool:

@@ -167,7 +167,11 @@ CASES = {
     "misspelled calibration source": (
         R,
         ["train.calibration = 'generator_unmix'"],
-        ["train.calibration must be one of", "'generator_unmixed'", "'generator_unmix'"],
+        [
+            "train.calibration must be one of",
+            "'generator_unmix'",
+            "Did you mean 'generator_unmixed'",
+        ],
     ),
     "gin import of a missing module": (
         lambda w: str(w / "imports_nothing.gin"),
