@@ -194,6 +194,11 @@ def fit(run: Run, *, resumed_from: int | None = None) -> dict[str, Any]:
     metrics["evaluation"] = {"data": run.data.name, "labels": run.data.labelled_by}
     if run.note:
         metrics["note"] = run.note
+    warnings = reconstruction_warnings(state.history, run.reconstruction)
+    if warnings:
+        metrics["warnings"] = warnings
+        for line in warnings:
+            logger.warning(line, main_process_only=True)
     if acc.is_main_process:
         (run.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         cfg.save_operative_config(run.output_dir)
@@ -303,6 +308,30 @@ def _evaluate_epoch(run: Run, record: dict[str, Any]) -> bool:
     return improved
 
 
+def reconstruction_warnings(history: Sequence[dict[str, Any]], stage: Any) -> list[str]:
+    """A line when the post-training reconstruction ended with a lower validation top-1 than
+    the best student before it: the run's result is the reconstructed student (the method's
+    output, and its best and last model), so a budget too small for the model must not pass
+    unsaid."""
+    after = [r for r in history if r.get("stage") == "reconstructed" and "val_top1" in r]
+    before = [r for r in history if r.get("stage") != "reconstructed" and "val_top1" in r]
+    if not after or not before:
+        return []
+    prev = max(before, key=lambda r: r["val_top1"])
+    got = after[-1]
+    if got["val_top1"] >= prev["val_top1"]:
+        return []
+    budget = getattr(stage, "iterations", None)
+    return [
+        f"the reconstruction lowered validation top-1 from {prev['val_top1']:.2f} (epoch "
+        f"{prev['epoch']}, before it; test {prev['test_top1']:.2f}) to {got['val_top1']:.2f} "
+        f"(test {got['test_top1']:.2f}); the result is the reconstructed student. Its budget"
+        + (f" ({budget} steps per unit)" if budget is not None else "")
+        + " may be too small for this model: raise ptq.BlockReconstruction.iterations, or "
+        "drop train.reconstruction to keep the student before it"
+    ]
+
+
 def _post_training(run: Run) -> None:
     """Run the reconstruction stage from unit ``state.units_done`` on, with a checkpoint after
     each unit; the student after the last unit is evaluated and is the best and last model."""
@@ -399,6 +428,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "dfqkit.train") -> in
         print(summary_line(metrics))
         if metrics.get("note"):
             print(metrics["note"])
+        for line in metrics.get("warnings", []):
+            print(f"warning: {line}")
     return 0
 
 
