@@ -2,6 +2,7 @@
 printed when it stops early or cannot start a part."""
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -267,6 +268,7 @@ def test_the_cpu_recipes_freeze_no_range_before_it_settles(method, caplog):
         gin.clear_config()
     assert isinstance(quant, QuantConfig) and (naive, updates) == (8, 40)
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.Flatten())
+    quant = dataclasses.replace(quant, layer_bits=None)  # it names a Lite1 layer; net is a stand-in
     student = quantize_(net, quant, torch.zeros(1, 1, 4, 4))
     assert act_quantizers(student)
     caplog.clear()
