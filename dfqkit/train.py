@@ -321,7 +321,8 @@ def reconstruction_warnings(history: Sequence[dict[str, Any]], stage: Any) -> li
     got = after[-1]
     if got["val_top1"] >= prev["val_top1"]:
         return []
-    budget = getattr(stage, "iterations", None)
+    method = getattr(stage, "reconstruction", stage)  # the stage wraps the method's part
+    budget = getattr(method, "iterations", None)
     return [
         f"the reconstruction lowered validation top-1 from {prev['val_top1']:.2f} (epoch "
         f"{prev['epoch']}, before it; test {prev['test_top1']:.2f}) to {got['val_top1']:.2f} "

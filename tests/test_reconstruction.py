@@ -220,7 +220,8 @@ def test_a_reconstruction_that_lowers_validation_is_said():
 
     calibrated = {"epoch": 1, "phase": "calibration", "val_top1": 76.5625, "test_top1": 72.65625}
     lower = {"epoch": 1, "stage": "reconstructed", "val_top1": 65.625, "test_top1": 70.3125}
-    (line,) = reconstruction_warnings([calibrated, lower], SimpleNamespace(iterations=50))
+    stage = SimpleNamespace(reconstruction=SimpleNamespace(iterations=50))  # as a Run holds it
+    (line,) = reconstruction_warnings([calibrated, lower], stage)
     assert "from 76.56 (epoch 1, before it; test 72.66) to 65.62 (test 70.31)" in line
     assert "(50 steps per unit)" in line and "ptq.BlockReconstruction.iterations" in line
     higher = dict(lower, val_top1=80.0)
