@@ -35,7 +35,7 @@ from dfqkit.models import find_architecture
 from dfqkit.quant import set_quant_mode
 from dfqkit.quant.attention import attention_modules
 from dfqkit.registry import get
-from dfqkit.rundir import record_model, unlock_run_dir
+from dfqkit.rundir import record_model
 from dfqkit.taps import bn_layers
 from dfqkit.train import fit, start_run, summary_line
 
@@ -268,11 +268,8 @@ def quantize(
     run, resumed_from = start_run(
         files, list(gin_params), output_dir=out, recipe=recipe, trusted=params
     )
-    try:
-        print(_budget_line(run, method, w_bits, a_bits, given=epochs is not None))
-        metrics = fit(run, resumed_from=resumed_from)
-    finally:
-        unlock_run_dir(out)
+    print(_budget_line(run, method, w_bits, a_bits, given=epochs is not None))
+    metrics = fit(run, resumed_from=resumed_from)
     which = "best" if run.checkpoint_path("best") is not None else "last"
     if run.load(which) is None:
         raise ConfigError(f"quantize: the run in {str(out)!r} left no checkpoint")

@@ -82,8 +82,6 @@ def run(
     except KeyboardInterrupt as err:
         last = ckpt.latest_checkpoint(built.output_dir)
         raise RunInterrupted(built.output_dir, last) from err
-    finally:
-        rundir.unlock_run_dir(built.output_dir)
 
 
 def start_run(
@@ -161,7 +159,15 @@ def _references(run: Run) -> None:
 
 def fit(run: Run, *, resumed_from: int | None = None) -> dict[str, Any]:
     """Train ``run`` from its state to the last epoch (then its post-training stage); returns
-    the metrics, also written to ``metrics.json``."""
+    the metrics, also written to ``metrics.json``. The run directory's lock, taken when it was
+    opened, is released when this returns or raises (Ctrl-C included)."""
+    try:
+        return _fit(run, resumed_from)
+    finally:
+        rundir.unlock_run_dir(run.output_dir)
+
+
+def _fit(run: Run, resumed_from: int | None) -> dict[str, Any]:
     schedule, state, acc = run.schedule, run.state, run.accelerator
     for epoch in range(state.epochs_done, schedule.epochs):
         patience = schedule.early_stopping_patience
@@ -194,7 +200,9 @@ def fit(run: Run, *, resumed_from: int | None = None) -> dict[str, Any]:
     metrics["evaluation"] = {"data": run.data.name, "labels": run.data.labelled_by}
     if run.note:
         metrics["note"] = run.note
-    warnings = reconstruction_warnings(state.history, run.reconstruction)
+    stage = run.reconstruction
+    budget = getattr(stage.reconstruction, "iterations", None) if stage is not None else None
+    warnings = reconstruction_warnings(state.history, budget)
     if warnings:
         metrics["warnings"] = warnings
         for line in warnings:
@@ -308,11 +316,11 @@ def _evaluate_epoch(run: Run, record: dict[str, Any]) -> bool:
     return improved
 
 
-def reconstruction_warnings(history: Sequence[dict[str, Any]], stage: Any) -> list[str]:
+def reconstruction_warnings(history: Sequence[dict[str, Any]], budget: int | None) -> list[str]:
     """A line when the post-training reconstruction ended with a lower validation top-1 than
     the best student before it: the run's result is the reconstructed student (the method's
     output, and its best and last model), so a budget too small for the model must not pass
-    unsaid."""
+    unsaid. ``budget``: its steps per unit, when it has such a figure."""
     after = [r for r in history if r.get("stage") == "reconstructed" and "val_top1" in r]
     before = [r for r in history if r.get("stage") != "reconstructed" and "val_top1" in r]
     if not after or not before:
@@ -321,8 +329,6 @@ def reconstruction_warnings(history: Sequence[dict[str, Any]], stage: Any) -> li
     got = after[-1]
     if got["val_top1"] >= prev["val_top1"]:
         return []
-    method = getattr(stage, "reconstruction", stage)  # the stage wraps the method's part
-    budget = getattr(method, "iterations", None)
     return [
         f"the reconstruction lowered validation top-1 from {prev['val_top1']:.2f} (epoch "
         f"{prev['epoch']}, before it; test {prev['test_top1']:.2f}) to {got['val_top1']:.2f} "

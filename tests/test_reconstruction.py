@@ -214,14 +214,11 @@ def test_a_reconstruction_that_lowers_validation_is_said():
     """The reconstructed student is the run's result (best and last): when it validates below
     the student before it, the run says so with both figures and the fix (metrics.json
     ``warnings``, the log and the command line's last lines)."""
-    from types import SimpleNamespace
-
     from dfqkit.train import reconstruction_warnings
 
     calibrated = {"epoch": 1, "phase": "calibration", "val_top1": 76.5625, "test_top1": 72.65625}
     lower = {"epoch": 1, "stage": "reconstructed", "val_top1": 65.625, "test_top1": 70.3125}
-    stage = SimpleNamespace(reconstruction=SimpleNamespace(iterations=50))  # as a Run holds it
-    (line,) = reconstruction_warnings([calibrated, lower], stage)
+    (line,) = reconstruction_warnings([calibrated, lower], 50)
     assert "from 76.56 (epoch 1, before it; test 72.66) to 65.62 (test 70.31)" in line
     assert "(50 steps per unit)" in line and "ptq.BlockReconstruction.iterations" in line
     higher = dict(lower, val_top1=80.0)

@@ -110,6 +110,11 @@ class QuantConfig:
             return self.layer_bits[name]
         return self._bits(first, last, self.w_bits)
 
+    def second_input(self, bits: int) -> int:
+        """``bits`` of a quantizer of the second layer's input, widened to
+        ``second_input_bits`` when that is set."""
+        return bits if self.second_input_bits is None else max(bits, self.second_input_bits)
+
     def input_bits(self, *, first: bool = False, last: bool = False) -> int:
         """Input-quantizer bits of a layer (``layer_inputs``), given its position."""
         return self._bits(first, last, self.a_bits)

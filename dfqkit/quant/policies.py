@@ -50,8 +50,8 @@ def layer_inputs(model: nn.Module, config: QuantConfig, run: DryRun) -> nn.Modul
         if name == first and not config.quantize_input:
             continue
         bits = config.input_bits(first=name == first, last=name == last)
-        if name == second and config.second_input_bits is not None:
-            bits = max(bits, config.second_input_bits)
+        if name == second:
+            bits = config.second_input(bits)
         module.input_quant = config.act_quantizer(bits=bits)
         placed += 1
     if not placed:
@@ -96,9 +96,8 @@ def _wrap_relu_modules(model: nn.Module, config: QuantConfig, run: DryRun) -> nn
         if not name or not isinstance(module, config.relu_types) or id(module) not in called:
             continue
         if id(module) not in wrapped:
-            bits = config.a_bits
-            if name in run.stem_relus and config.second_input_bits is not None:
-                bits = max(bits, config.second_input_bits)
+            stem = name in run.stem_relus
+            bits = config.second_input(config.a_bits) if stem else config.a_bits
             quantizer = config.act_quantizer(bits=bits)
             wrapped[id(module)] = nn.Sequential(module, quantizer)
         parent, _, child = name.rpartition(".")
@@ -142,10 +141,10 @@ def _insert_after_relu_calls(model: nn.Module, config: QuantConfig, run: DryRun)
         return False
 
     def make() -> nn.Module:  # called right after is_relu_site picked the node
-        bits = config.a_bits
-        if layers_seen[0] == 1 and config.second_input_bits is not None:
-            bits = max(bits, config.second_input_bits)
-        return config.act_quantizer(bits=bits)
+        stem = layers_seen[0] == 1
+        return config.act_quantizer(
+            bits=config.second_input(config.a_bits) if stem else config.a_bits
+        )
 
     names = insert_after(gm, is_relu_site, make, suffix="_quant")
     if len(names) != run.relu_sites:
